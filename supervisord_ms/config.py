@@ -1,0 +1,484 @@
+"""The TOML config shared by the daemon and the client.
+
+Standard library only: ``ms_client`` imports this module and must stay light.
+
+A bad config is refused whole: every problem is collected (not just the first)
+and reported as one line naming the file, the key path (``servers[2].gpus``),
+the bad value and what was expected, so an operator fixes everything in one
+edit instead of one restart per typo.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = Path("/etc/modelserverd/config.toml")
+CONFIG_ENV_VAR = "MODELSERVERD_CONFIG"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+class ConfigError(Exception):
+    """Raised when a config file cannot be used; seen by operators at start,
+    by ``check-config`` and on reload (where the running config stays)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    socket: str = "/run/modelserverd/api.sock"
+    state_db: str = "/var/lib/modelserverd/state.db"
+    log_dir: str = "/var/lib/modelserverd/logs"
+    interface: str = ""
+    gpu_backend: str = "nvml"
+    gpu_free_ratio: float = 0.9
+    probe_interval_s: float = 5.0
+    health_timeout_s: float = 20.0
+    health_failures: int = 3
+    startup_timeout_s: float = 1800.0
+    stop_timeout_s: float = 30.0
+    retention_days: float = 14
+    socket_mode: str = "0660"
+    socket_group: str = ""
+    admin_group: str = ""
+
+    @property
+    def socket_mode_int(self) -> int:
+        return int(self.socket_mode, 8)
+
+
+@dataclass(frozen=True)
+class RestartConfig:
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 300.0
+    max_failures: int = 5
+    failure_window_s: float = 600.0
+    stable_after_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class SglangConfig:
+    python: str = "python3"
+    module: str = "sglang.launch_server"
+    extra_args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    max_retry: int = 3
+    latency_growing_rate: float = 2.0
+    benchmark_message: str = "Say hello in one short sentence."
+    benchmark_max_tokens: int = 16
+    request_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    name: str
+    ip: str
+    port: int
+    model_size: str
+    model_path: str
+    gpus: tuple[int, ...] = ()
+    managed: bool | None = None  # None: decided by locality
+    extra_args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    local: bool = False  # ip is one of this host's addresses (known only to the daemon)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.ip}]" if ":" in self.ip else self.ip
+        return f"http://{host}:{self.port}"
+
+    @property
+    def is_managed(self) -> bool:
+        """Launched and signalled by this host's daemon (otherwise probed only)."""
+        return self.local and self.managed is not False
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    restart: RestartConfig = field(default_factory=RestartConfig)
+    sglang: SglangConfig = field(default_factory=SglangConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    servers: tuple[ServerConfig, ...] = ()
+
+    def server(self, name: str) -> ServerConfig | None:
+        return next((s for s in self.servers if s.name == name), None)
+
+    @property
+    def managed_servers(self) -> tuple[ServerConfig, ...]:
+        return tuple(s for s in self.servers if s.is_managed)
+
+
+def resolve_config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """``--config``, else ``$MODELSERVERD_CONFIG``, else the default path."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV_VAR)
+    if env:
+        return Path(env)
+    return DEFAULT_CONFIG_PATH
+
+
+# --- validation -------------------------------------------------------------------
+
+Check = Callable[[Any], "str | None"]  # returns what was expected, or None when fine
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _positive_number(v: Any) -> str | None:
+    return None if _is_number(v) and v > 0 else "a number > 0"
+
+
+def _non_negative_number(v: Any) -> str | None:
+    return None if _is_number(v) and v >= 0 else "a number >= 0"
+
+
+def _ratio(v: Any) -> str | None:
+    return None if _is_number(v) and 0 < v <= 1 else "a number in (0, 1]"
+
+
+def _int_at_least(low: int) -> Check:
+    def check(v: Any) -> str | None:
+        ok = isinstance(v, int) and not isinstance(v, bool) and v >= low
+        return None if ok else f"an integer >= {low}"
+
+    return check
+
+
+def _string(v: Any) -> str | None:
+    return None if isinstance(v, str) else "a string"
+
+
+def _non_empty_string(v: Any) -> str | None:
+    return None if isinstance(v, str) and v.strip() else "a non-empty string"
+
+
+def _string_list(v: Any) -> str | None:
+    ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+    return None if ok else 'a list of strings, e.g. ["--mem-fraction-static", "0.85"]'
+
+
+def _string_table(v: Any) -> str | None:
+    ok = isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
+    return None if ok else 'a table of strings, e.g. {SGLANG_LOG_LEVEL = "info"}'
+
+
+def _bool(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "true or false"
+
+
+def _octal_mode(v: Any) -> str | None:
+    if isinstance(v, str) and re.fullmatch(r"0?[0-7]{3}", v):
+        return None
+    return 'an octal permission string, e.g. "0660"'
+
+
+def _gpu_backend(v: Any) -> str | None:
+    if v == "nvml" or (isinstance(v, str) and v.startswith("file:") and len(v) > 5):
+        return None
+    return '"nvml" or "file:/path/gpus.json"'
+
+
+def _port(v: Any) -> str | None:
+    ok = isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65535
+    return None if ok else "an integer port in 1..65535"
+
+
+def _name(v: Any) -> str | None:
+    ok = isinstance(v, str) and NAME_PATTERN.match(v)
+    return None if ok else "a name of letters, digits, '.', '_' or '-'"
+
+
+def _gpus(v: Any) -> str | None:
+    ok = (
+        isinstance(v, list)
+        and v
+        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+        and len(set(v)) == len(v)
+    )
+    return None if ok else "a non-empty list of distinct GPU indexes (integers >= 0), e.g. [0, 1]"
+
+
+def _ip(v: Any) -> str | None:
+    ok = isinstance(v, str) and v and not re.search(r"\s|/", v)
+    return None if ok else 'an IP address or host name, e.g. "10.0.0.5"'
+
+
+SECTIONS: dict[str, dict[str, Check]] = {
+    "daemon": {
+        "socket": _non_empty_string,
+        "state_db": _non_empty_string,
+        "log_dir": _non_empty_string,
+        "interface": _string,
+        "gpu_backend": _gpu_backend,
+        "gpu_free_ratio": _ratio,
+        "probe_interval_s": _positive_number,
+        "health_timeout_s": _positive_number,
+        "health_failures": _int_at_least(1),
+        "startup_timeout_s": _positive_number,
+        "stop_timeout_s": _positive_number,
+        "retention_days": _positive_number,
+        "socket_mode": _octal_mode,
+        "socket_group": _string,
+        "admin_group": _string,
+    },
+    "restart": {
+        "backoff_initial_s": _positive_number,
+        "backoff_max_s": _positive_number,
+        "max_failures": _int_at_least(1),
+        "failure_window_s": _positive_number,
+        "stable_after_s": _non_negative_number,
+    },
+    "sglang": {
+        "python": _non_empty_string,
+        "module": _non_empty_string,
+        "extra_args": _string_list,
+        "env": _string_table,
+    },
+    "client": {
+        "max_retry": _int_at_least(1),
+        "latency_growing_rate": lambda v: None
+        if _is_number(v) and v > 1
+        else "a number > 1",
+        "benchmark_message": _non_empty_string,
+        "benchmark_max_tokens": _int_at_least(1),
+        "request_timeout_s": _positive_number,
+    },
+}
+
+SERVER_KEYS: dict[str, Check] = {
+    "name": _name,
+    "ip": _ip,
+    "port": _port,
+    "model_size": _name,
+    "model_path": _non_empty_string,
+    "gpus": _gpus,
+    "managed": _bool,
+    "extra_args": _string_list,
+    "env": _string_table,
+}
+SERVER_REQUIRED = ("ip", "port", "model_size", "model_path")
+PATH_KEYS = ("socket", "state_db", "log_dir")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_show(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return repr(value)
+
+
+def _unknown(path: str, key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f'; did you mean "{close[0]}"?' if close else f"; known keys: {', '.join(known)}"
+    return f"{path}: unknown key{hint}"
+
+
+class _Problems:
+    def __init__(self, file: str):
+        self.file = file
+        self.items: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.items.append(f"{self.file}: {message}")
+
+    def bad(self, key: str, value: Any, expected: str) -> None:
+        self.add(f"{key}: got {_show(value)}, expected {expected}")
+
+
+def _check_table(
+    problems: _Problems, prefix: str, table: Mapping[str, Any], checks: Mapping[str, Check]
+) -> dict[str, Any]:
+    good: dict[str, Any] = {}
+    for key, value in table.items():
+        path = f"{prefix}.{key}"
+        check = checks.get(key)
+        if check is None:
+            problems.add(_unknown(path, key, checks))
+            continue
+        expected = check(value)
+        if expected:
+            problems.bad(path, value, expected)
+        else:
+            good[key] = value
+    return good
+
+
+def _resolve_path(base: Path, value: str) -> str:
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _freeze(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def _default_name(model_size: str, ip: str, port: int) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", f"{model_size}-{ip}-{port}")
+
+
+def parse_config(
+    text: str,
+    path: str | os.PathLike[str] = "<config>",
+    *,
+    host_addresses: Iterable[str] | None = None,
+) -> Config:
+    """Validate TOML text. With ``host_addresses`` (the daemon knows them) servers
+    are marked local and the checks that only concern local servers run too."""
+    file = str(path)
+    problems = _Problems(file)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{file}: not valid TOML: {exc}"]) from None
+
+    base = Path(file).resolve().parent
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in raw.items():
+        if key == "servers":
+            continue
+        if key not in SECTIONS:
+            problems.add(_unknown(key, key, [*SECTIONS, "servers"]))
+            continue
+        if not isinstance(value, dict):
+            problems.bad(key, value, f"a table [{key}]")
+            continue
+        sections[key] = _check_table(problems, key, value, SECTIONS[key])
+
+    daemon_values = sections.get("daemon", {})
+    for key in PATH_KEYS:
+        if key in daemon_values:
+            daemon_values[key] = _resolve_path(base, daemon_values[key])
+    backend = daemon_values.get("gpu_backend")
+    if isinstance(backend, str) and backend.startswith("file:"):
+        daemon_values["gpu_backend"] = "file:" + _resolve_path(base, backend[5:])
+    restart_values = sections.get("restart", {})
+    if restart_values.get("backoff_initial_s", 1.0) > restart_values.get("backoff_max_s", 300.0):
+        problems.add(
+            f"restart.backoff_max_s: got {restart_values.get('backoff_max_s', 300.0)}, "
+            "expected a number >= restart.backoff_initial_s"
+        )
+
+    addresses = set(host_addresses) if host_addresses is not None else None
+    servers = _check_servers(problems, raw.get("servers", []), addresses)
+
+    if problems.items:
+        raise ConfigError(problems.items)
+    return Config(
+        path=file,
+        daemon=DaemonConfig(**daemon_values),
+        restart=RestartConfig(**restart_values),
+        sglang=SglangConfig(**_freeze(sections.get("sglang", {}))),
+        client=ClientConfig(**sections.get("client", {})),
+        servers=tuple(servers),
+    )
+
+
+def _check_servers(
+    problems: _Problems, raw_servers: Any, addresses: set[str] | None
+) -> list[ServerConfig]:
+    if not isinstance(raw_servers, list) or not all(isinstance(s, dict) for s in raw_servers):
+        problems.bad("servers", raw_servers, "an array of tables, each written [[servers]]")
+        return []
+    servers: list[ServerConfig] = []
+    seen_names: dict[str, int] = {}
+    seen_endpoints: dict[tuple[str, int], int] = {}
+    gpu_owner: dict[int, int] = {}
+    for i, table in enumerate(raw_servers):
+        prefix = f"servers[{i}]"
+        values = _check_table(problems, prefix, table, SERVER_KEYS)
+        missing = [k for k in SERVER_REQUIRED if k not in table]
+        for key in missing:
+            problems.add(f"{prefix}.{key}: missing, expected {SERVER_KEYS[key](None)}")
+        if len(values) != len(table) or missing:
+            continue
+        name = values.get("name") or _default_name(values["model_size"], values["ip"], values["port"])
+        values["name"] = name
+        if name in seen_names:
+            problems.add(
+                f'{prefix}.name: got "{name}", expected a unique name '
+                f"(servers[{seen_names[name]}] has it already)"
+            )
+        seen_names.setdefault(name, i)
+        endpoint = (values["ip"], values["port"])
+        if endpoint in seen_endpoints:
+            problems.add(
+                f"{prefix}.port: got {values['port']} on {values['ip']}, expected a free ip:port "
+                f"(servers[{seen_endpoints[endpoint]}] listens there already)"
+            )
+        seen_endpoints.setdefault(endpoint, i)
+        local = addresses is not None and values["ip"] in addresses
+        server = ServerConfig(local=local, **_freeze(values))
+        if server.is_managed:
+            if not server.gpus:
+                problems.add(
+                    f"{prefix}.gpus: missing, expected a non-empty list of GPU indexes "
+                    "for a server this host launches"
+                )
+            for gpu in server.gpus:
+                if gpu in gpu_owner:
+                    problems.add(
+                        f"{prefix}.gpus: GPU {gpu} is given to servers[{gpu_owner[gpu]}] too, "
+                        "expected each GPU to belong to one local server"
+                    )
+                gpu_owner.setdefault(gpu, i)
+            if not Path(server.model_path).exists():
+                problems.add(
+                    f'{prefix}.model_path: got "{server.model_path}", which does not exist '
+                    "on this host; expected the model's directory (or set managed = false)"
+                )
+        servers.append(server)
+    return servers
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    host_addresses: Iterable[str] | None = None,
+) -> Config:
+    """Read and validate the config file (see :func:`resolve_config_path`)."""
+    resolved = resolve_config_path(path)
+    try:
+        text = resolved.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            [
+                f"{resolved}: no such config file; create it (see the README's example) "
+                f"or pass --config / set {CONFIG_ENV_VAR}"
+            ]
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{resolved}: cannot read config: {exc}"]) from None
+    return parse_config(text, resolved, host_addresses=host_addresses)
+
+
+def server_fields_changed(old: ServerConfig, new: ServerConfig) -> list[str]:
+    """Names of fields that differ; a reload restarts a server only when one does."""
+    return [f.name for f in fields(ServerConfig) if getattr(old, f.name) != getattr(new, f.name)]
