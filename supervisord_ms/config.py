@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import ModelServerdError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
@@ -29,7 +31,7 @@ CONFIG_ENV_VAR = "MODELSERVERD_CONFIG"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
-class ConfigError(Exception):
+class ConfigError(ModelServerdError):
     """Raised when a config file cannot be used; seen by operators at start,
     by ``check-config`` and on reload (where the running config stays)."""
 
@@ -259,9 +261,7 @@ SECTIONS: dict[str, dict[str, Check]] = {
     },
     "client": {
         "max_retry": _int_at_least(1),
-        "latency_growing_rate": lambda v: None
-        if _is_number(v) and v > 1
-        else "a number > 1",
+        "latency_growing_rate": lambda v: None if _is_number(v) and v > 1 else "a number > 1",
         "benchmark_message": _non_empty_string,
         "benchmark_max_tokens": _int_at_least(1),
         "request_timeout_s": _positive_number,
@@ -419,7 +419,9 @@ def _check_servers(
             problems.add(f"{prefix}.{key}: missing, expected {SERVER_KEYS[key](None)}")
         if len(values) != len(table) or missing:
             continue
-        name = values.get("name") or _default_name(values["model_size"], values["ip"], values["port"])
+        name = values.get("name") or _default_name(
+            values["model_size"], values["ip"], values["port"]
+        )
         values["name"] = name
         if name in seen_names:
             problems.add(
