@@ -1,0 +1,225 @@
+"""The daemon's in-memory picture of every configured server.
+
+The supervisor writes process facts (state, pid, restarts), the prober and the
+clients' reports write latency facts, and the API reads both. Everything runs on
+the daemon's one event loop, so no locks: a record is only touched between awaits.
+Selection itself is delegated to the pure functions of :mod:`selector`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from . import selector, states
+from .config import Config, ServerConfig
+
+# How fast an estimate forgets: long enough to average probe noise, short enough
+# that a server that became slow loses its place within a few probe rounds.
+ESTIMATE_HALF_LIFE_PROBES = 3.0
+# A challenger must beat the incumbent by this fraction for this many probe rounds.
+HYSTERESIS_MARGIN = 0.2
+HYSTERESIS_HOLD_PROBES = 2.0
+EJECTION_THRESHOLD = 3
+
+
+@dataclass
+class ServerRecord:
+    config: ServerConfig
+    state: str
+    pid: int | None = None
+    pgid: int | None = None
+    started_at: float | None = None  # wall clock, when the current process was launched
+    ready_since: float | None = None
+    restarts: int = 0
+    consecutive_failures: int = 0  # failures counted by the restart policy
+    last_error: str | None = None
+    estimate: selector.LatencyEstimate = field(default_factory=selector.LatencyEstimate)
+    ejection: selector.Ejection = field(default_factory=selector.Ejection)
+    last_sample_at: float | None = None
+    last_client_request_at: float | None = None  # monotonic; a recent request spares a probe
+    samples_total: int = 0
+    probe_failures_total: int = 0
+    probe_slow_total: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def serving(self, mono: float) -> bool:
+        """Ready and not ejected (ejections are timed on the monotonic clock)."""
+        return self.state in states.SERVING_STATES and not selector.is_ejected(self.ejection, mono)
+
+    def to_json(self, now: float | None = None) -> dict:
+        c = self.config
+        now = time.time() if now is None else now
+        est = self.estimate
+        return {
+            "name": c.name,
+            "ip": c.ip,
+            "port": c.port,
+            "url": c.url,
+            "model_size": c.model_size,
+            "model_path": c.model_path,
+            "gpus": list(c.gpus),
+            "local": c.local,
+            "managed": c.is_managed,
+            "state": self.state,
+            "pid": self.pid,
+            "started_at": self.started_at,
+            "uptime_s": round(now - self.started_at, 3)
+            if self.started_at and self.state in states.RUNNING_STATES
+            else None,
+            "restarts": self.restarts,
+            "consecutive_failures": self.consecutive_failures,
+            "latency_s": est.value_s,
+            "latency_per_token_s": est.per_token_s,
+            "ttft_s": est.ttft_s,
+            "last_sample_at": self.last_sample_at,
+            "last_error": self.last_error,
+            "ejected": selector.is_ejected(self.ejection, time.monotonic()),
+        }
+
+
+class Registry:
+    def __init__(self, config: Config):
+        self.config = config
+        self.servers: dict[str, ServerRecord] = {}
+        self.incumbents: dict[str, selector.Incumbent] = {}
+        self.apply_config(config)
+
+    # --- config -------------------------------------------------------------------
+    def apply_config(self, config: Config) -> None:
+        """Keep the records (and their latency history) of servers that stay."""
+        self.config = config
+        kept: dict[str, ServerRecord] = {}
+        for server in config.servers:
+            record = self.servers.get(server.name)
+            if record is None:
+                initial = states.STOPPED if server.is_managed else states.UNREACHABLE
+                record = ServerRecord(config=server, state=initial)
+            else:
+                if record.config.is_managed != server.is_managed:
+                    record.state = states.STOPPED if server.is_managed else states.UNREACHABLE
+                record.config = server
+            kept[server.name] = record
+        self.servers = kept
+
+    @property
+    def probe_interval_s(self) -> float:
+        return self.config.daemon.probe_interval_s
+
+    # --- latency ------------------------------------------------------------------
+    def record_sample(
+        self,
+        name: str,
+        *,
+        ok: bool,
+        latency_s: float | None,
+        source: str,
+        ttft_s: float | None = None,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        now: float | None = None,
+        mono: float | None = None,
+    ) -> None:
+        """Fold one probe or client outcome into the server's estimate and ejection."""
+        record = self.servers.get(name)
+        if record is None:
+            return
+        now = time.time() if now is None else now
+        mono = time.monotonic() if mono is None else mono
+        record.samples_total += 1
+        record.last_sample_at = now
+        if source == "client":
+            record.last_client_request_at = mono
+        record.ejection = selector.record_outcome(
+            record.ejection,
+            ok,
+            mono,
+            threshold=EJECTION_THRESHOLD,
+            base_s=max(5.0, 2 * self.probe_interval_s),
+        )
+        if not ok or latency_s is None:
+            return
+        reference = self.config.client.benchmark_max_tokens
+        per_token = None
+        if ttft_s is not None and completion_tokens and completion_tokens > 1:
+            per_token = max(0.0, latency_s - ttft_s) / (completion_tokens - 1)
+        if source == "client":
+            latency_s = selector.normalise_client_latency(
+                latency_s,
+                ttft_s=ttft_s,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                reference_completion_tokens=reference,
+                per_token_s_hint=record.estimate.per_token_s,
+            )
+        record.estimate = selector.update_estimate(
+            record.estimate,
+            latency_s,
+            mono,
+            half_life_s=ESTIMATE_HALF_LIFE_PROBES * self.probe_interval_s,
+            ttft_s=ttft_s,
+            per_token_s=per_token,
+        )
+
+    # --- selection ----------------------------------------------------------------
+    def sizes(self, now: float | None = None) -> list[str]:
+        mono = time.monotonic() if now is None else now
+        return sorted({r.config.model_size for r in self.servers.values() if r.serving(mono)})
+
+    def known_sizes(self) -> set[str]:
+        return {s.model_size for s in self.config.servers}
+
+    def _candidates(self, model_size: str, mono: float, exclude: Iterable[str]):
+        skip = set(exclude)
+        return [
+            selector.Candidate(
+                name=r.name,
+                latency_s=r.estimate.value_s,
+                eligible=r.serving(mono) and r.name not in skip,
+            )
+            for r in self.servers.values()
+            if r.config.model_size == model_size
+        ]
+
+    def update_incumbent(self, model_size: str, mono: float | None = None) -> selector.Incumbent:
+        mono = time.monotonic() if mono is None else mono
+        incumbent = selector.choose_best(
+            self._candidates(model_size, mono, ()),
+            self.incumbents.get(model_size, selector.Incumbent()),
+            mono,
+            margin=HYSTERESIS_MARGIN,
+            hold_s=HYSTERESIS_HOLD_PROBES * self.probe_interval_s,
+        )
+        self.incumbents[model_size] = incumbent
+        return incumbent
+
+    def best(
+        self,
+        model_size: str,
+        *,
+        n: int = 3,
+        key: str | None = None,
+        exclude: Sequence[str] = (),
+        mono: float | None = None,
+    ) -> list[ServerRecord]:
+        mono = time.monotonic() if mono is None else mono
+        incumbent = self.update_incumbent(model_size, mono)
+        candidates = self._candidates(model_size, mono, exclude)
+        if exclude and incumbent.name in set(exclude):
+            # The caller saw the incumbent fail or crawl: rank the rest without it.
+            incumbent = selector.Incumbent()
+        ranked = selector.rank(candidates, incumbent)
+        if key:
+            latencies = {c.name: c.latency_s for c in candidates}
+            ranked = selector.affinity_rank(key, ranked, latencies)
+        return [self.servers[name] for name in ranked[: max(1, n)]]
+
+    def counts_by_state(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for record in self.servers.values():
+            counts[record.state] = counts.get(record.state, 0) + 1
+        return counts
