@@ -1,0 +1,97 @@
+"""A few lines of HTTP over the daemon's Unix socket, for the operator commands.
+
+Standard library only (http.client with an AF_UNIX socket), so the commands
+start fast and never need aiohttp.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import http.client
+import json
+import os
+import socket
+from typing import Any
+
+from .errors import ModelServerdError
+
+
+class DaemonUnreachable(ModelServerdError):
+    """The daemon's socket is missing, refuses, or is not permitted; the message says
+    what to do (start the daemon, join the socket's group)."""
+
+
+class ApiError(ModelServerdError):
+    """The daemon answered with an error body ``{"error": {"code", "message"}}``."""
+
+    def __init__(self, status: int, code: str, message: str):
+        self.status, self.code = status, code
+        super().__init__(message)
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def _unreachable(path: str, exc: OSError) -> DaemonUnreachable:
+    if isinstance(exc, FileNotFoundError) or exc.errno == errno.ENOENT:
+        return DaemonUnreachable(
+            f"modelserverd is not running: no socket at {path} "
+            "(start it with `systemctl start modelserverd` or `modelserverd run`)"
+        )
+    if isinstance(exc, PermissionError) or exc.errno == errno.EACCES:
+        try:
+            group = grp.getgrgid(os.stat(path).st_gid).gr_name
+        except (OSError, KeyError):
+            group = "the socket's group"
+        return DaemonUnreachable(
+            f"not permitted to use {path}: join the group {group} "
+            f"(`sudo usermod -aG {group} $USER`, then log in again) or run as root"
+        )
+    if exc.errno == errno.ECONNREFUSED:
+        return DaemonUnreachable(
+            f"modelserverd is not running: {path} refuses connections (stale socket); "
+            "start it with `systemctl start modelserverd`"
+        )
+    return DaemonUnreachable(f"cannot reach modelserverd at {path}: {exc}")
+
+
+def call(
+    socket_path: str, method: str, path: str, body: Any = None, *, timeout: float = 30.0
+) -> Any:
+    """One request to the daemon; returns the decoded JSON (or text for /metrics)."""
+    conn = _UnixConnection(socket_path, timeout)
+    try:
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        conn.request(method, path, body=payload, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+    except OSError as exc:
+        raise _unreachable(socket_path, exc) from None
+    except http.client.HTTPException as exc:
+        raise DaemonUnreachable(f"bad answer from modelserverd at {socket_path}: {exc}") from None
+    finally:
+        conn.close()
+    if "json" not in (resp.getheader("Content-Type") or ""):
+        if resp.status >= 400:
+            raise ApiError(resp.status, "http_error", raw.decode(errors="replace"))
+        return raw.decode(errors="replace")
+    data = json.loads(raw or b"null")
+    if resp.status >= 400:
+        err = (data or {}).get("error", {}) if isinstance(data, dict) else {}
+        raise ApiError(resp.status, err.get("code", "error"), err.get("message", str(data)))
+    return data

@@ -1,0 +1,315 @@
+"""``modelserverd run``: wires config, store, GPU view, supervisors, prober and API
+onto one asyncio event loop, and handles SIGTERM / SIGHUP.
+
+Nothing here decides policy; it only starts the parts and routes requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from . import __version__, states
+from .api import ApiContext, build_app, serve_unix
+from .config import Config, ConfigError, load_config, server_fields_changed
+from .gpus import GpuError, GpuView, open_gpu_view
+from .hostaddrs import host_addresses
+from .launcher import rotate_log
+from .notify import Notifier
+from .prober import Prober
+from .registry import Registry, ServerRecord
+from .store import Store, StoreWriter
+from .supervisor import ServerSupervisor, SupervisorContext
+
+log = logging.getLogger("modelserverd")
+
+LOG_MAX_BYTES = 50 * 1024 * 1024
+LOG_KEEP = 3
+HOUSEKEEPING_S = 30.0
+
+
+class UnknownServer(KeyError):
+    """Raised for an action on a name the config does not have (the API answers 404)."""
+
+
+@dataclass
+class _GpuSource:
+    """Opens the GPU view lazily and again after a failure, so a host whose driver
+    comes up late (or an NVML hiccup) recovers without a daemon restart."""
+
+    backend: str
+    view: GpuView | None = None
+    error: str | None = None
+    retry_at: float = 0.0
+
+    def get(self) -> GpuView:
+        if self.view is not None:
+            return self.view
+        if time.monotonic() < self.retry_at and self.error:
+            raise GpuError(self.error)
+        try:
+            self.view = open_gpu_view(self.backend)
+            self.error = None
+        except GpuError as exc:
+            self.error = str(exc)
+            self.retry_at = time.monotonic() + 10.0
+            raise
+        return self.view
+
+    def close(self) -> None:
+        if self.view is not None:
+            with contextlib.suppress(Exception):
+                self.view.close()
+        self.view = None
+
+
+def load_daemon_config(path: str | os.PathLike[str] | None) -> Config:
+    """Load the config as the daemon sees it: servers on this host's addresses are local."""
+    from .config import parse_config, resolve_config_path
+
+    resolved = resolve_config_path(path)
+    # The interface must be known before locality can be decided: read it first.
+    first = load_config(resolved)
+    addresses = host_addresses(first.daemon.interface)
+    return parse_config(
+        Path(resolved).read_text(encoding="utf-8"), resolved, host_addresses=addresses
+    )
+
+
+class Daemon:
+    def __init__(self, config: Config):
+        self.config = config
+        self.started_mono = time.monotonic()
+        self.started_at = time.time()
+        self.addresses = host_addresses(config.daemon.interface)
+        self.registry = Registry(config)
+        self.store = Store(config.daemon.state_db)
+        self.writer = StoreWriter(config.daemon.state_db)
+        self.gpus = _GpuSource(config.daemon.gpu_backend)
+        self.supervisors: dict[str, ServerSupervisor] = {}
+        self.notifier = Notifier.from_env()
+        self.stop_event = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self.http: aiohttp.ClientSession | None = None
+        self.ctx: SupervisorContext | None = None
+        self.runner = None
+
+    # --- lifecycle ----------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.writer.start()
+        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
+        self.ctx = SupervisorContext(
+            config=lambda: self.config,
+            writer=self.writer,
+            http=self.http,
+            gpu_view=self.gpus.get,
+        )
+        self.writer.add_event(
+            server=None,
+            kind="daemon_start",
+            message=f"modelserverd {__version__} pid {os.getpid()}",
+        )
+        try:
+            self.gpus.get()
+        except GpuError as exc:
+            log.error(
+                "GPU view unavailable: %s; local servers wait, remote servers are still probed", exc
+            )
+        api_ctx = ApiContext(
+            registry=self.registry,
+            store=self.store,
+            writer=self.writer,
+            actions=self,
+            status=self.status,
+        )
+        self.runner = await serve_unix(
+            build_app(api_ctx),
+            self.config.daemon.socket,
+            mode=self.config.daemon.socket_mode_int,
+            group=self.config.daemon.socket_group,
+        )
+        log.info("modelserverd %s listening on %s", __version__, self.config.daemon.socket)
+        for sig, handler in (
+            (signal.SIGTERM, self.stop_event.set),
+            (signal.SIGINT, self.stop_event.set),
+            (signal.SIGHUP, self._on_sighup),
+        ):
+            loop.add_signal_handler(sig, handler)
+
+        await self._start_supervisors(self.config.managed_servers, adopt=True)
+        prober = Prober(
+            self.registry, self.writer, on_reachability=self._on_reachability, session=self.http
+        )
+        background = [
+            asyncio.create_task(prober.run(self.stop_event), name="prober"),
+            asyncio.create_task(self._housekeeping(), name="housekeeping"),
+            asyncio.create_task(self._notify_loop(), name="notify"),
+        ]
+        self.notifier.ready(self.summary())
+        await self.stop_event.wait()
+
+        log.info("modelserverd stopping: stopping %d servers", len(self.supervisors))
+        self.notifier.stopping()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await asyncio.gather(
+            *(s.shutdown() for s in self.supervisors.values()), return_exceptions=True
+        )
+        await self.runner.cleanup()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.config.daemon.socket)
+        self.writer.add_event(server=None, kind="daemon_stop", message="all servers stopped")
+        await self.http.close()
+        self.writer.close()
+        self.store.close()
+        self.gpus.close()
+        log.info("modelserverd stopped")
+        return 0
+
+    async def _start_supervisors(self, servers, *, adopt: bool) -> None:
+        rows = {row["name"]: row for row in self.store.servers()} if adopt else {}
+        assert self.ctx is not None
+        new = []
+        for server in servers:
+            sup = ServerSupervisor(self.registry.servers[server.name], self.ctx)
+            self.supervisors[server.name] = sup
+            new.append(sup)
+        if rows:
+            await asyncio.gather(*(s.adopt(rows[s.name]) for s in new if s.name in rows))
+        for sup in new:
+            sup.start_task()
+
+    def _on_sighup(self) -> None:
+        asyncio.get_running_loop().create_task(self._reload_logged())
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except ConfigError as exc:
+            log.error("reload refused, the running config stays:\n%s", exc)
+
+    def _on_reachability(self, record: ServerRecord, new_state: str, message: str) -> None:
+        old = record.state
+        record.state = new_state
+        level = logging.WARNING if new_state == states.UNREACHABLE else logging.INFO
+        log.log(level, "server %s: %s -> %s (%s)", record.name, old, new_state, message)
+        self.writer.add_event(
+            server=record.name, kind="state", old_state=old, new_state=new_state, message=message
+        )
+
+    async def _housekeeping(self) -> None:
+        """Retention of latency samples and rotation of server logs."""
+        while True:
+            cutoff = time.time() - self.config.daemon.retention_days * 86400
+            self.writer.delete_samples_older_than(cutoff)
+            for name in self.supervisors:
+                path = Path(self.config.daemon.log_dir) / f"{name}.log"
+                await asyncio.to_thread(rotate_log, path, LOG_MAX_BYTES, LOG_KEEP)
+            await asyncio.sleep(HOUSEKEEPING_S)
+
+    async def _notify_loop(self) -> None:
+        """WATCHDOG=1 from the event loop itself: a blocked loop stops the pings."""
+        interval = self.notifier.watchdog_interval_s
+        last_status = ""
+        while True:
+            if interval:
+                self.notifier.watchdog()
+            summary = self.summary()
+            if summary != last_status:
+                self.notifier.status(summary)
+                last_status = summary
+            await asyncio.sleep(min(interval or 5.0, 5.0))
+
+    # --- queries ------------------------------------------------------------------
+    def summary(self) -> str:
+        counts = self.registry.counts_by_state()
+        parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        return f"{len(self.registry.servers)} servers: {parts or 'none'}"
+
+    def status(self) -> dict:
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started_mono, 3),
+            "started_at": self.started_at,
+            "host_addresses": sorted(self.addresses),
+            "config_path": self.config.path,
+            "socket": self.config.daemon.socket,
+            "state_db": self.config.daemon.state_db,
+            "gpu_backend": self.config.daemon.gpu_backend,
+            "gpu_error": self.gpus.error,
+        }
+
+    # --- actions (the API's admin endpoints) ---------------------------------------
+    def _supervisor(self, name: str) -> ServerSupervisor:
+        sup = self.supervisors.get(name)
+        if sup is None:
+            if name in self.registry.servers:
+                raise PermissionError(
+                    f"server {name} is not managed by this host; it is only probed"
+                )
+            raise UnknownServer(name)
+        return sup
+
+    async def restart(self, name: str) -> dict:
+        self._supervisor(name).request("restart")
+        return {"server": name, "requested": "restart"}
+
+    async def stop(self, name: str) -> dict:
+        self._supervisor(name).request("stop")
+        return {"server": name, "requested": "stop"}
+
+    async def start(self, name: str) -> dict:
+        self._supervisor(name).request("start")
+        return {"server": name, "requested": "start"}
+
+    async def reload(self) -> dict:
+        """Apply a new config by difference; a bad one raises ConfigError and the
+        running config stays."""
+        async with self._reload_lock:
+            new = await asyncio.to_thread(load_daemon_config, self.config.path)
+            old = self.config
+            old_managed = {s.name: s for s in old.managed_servers}
+            new_managed = {s.name: s for s in new.managed_servers}
+            sglang_changed = old.sglang != new.sglang
+            removed = [n for n in old_managed if n not in new_managed]
+            added = [n for n in new_managed if n not in old_managed]
+            changed = [
+                n
+                for n in new_managed
+                if n in old_managed
+                and (sglang_changed or server_fields_changed(old_managed[n], new_managed[n]))
+            ]
+            fixed = {"socket", "state_db", "socket_mode", "socket_group", "gpu_backend"}
+            needs_restart = [k for k in fixed if getattr(old.daemon, k) != getattr(new.daemon, k)]
+            # Stop removed servers with the old config still in force.
+            await asyncio.gather(*(self.supervisors[n].shutdown() for n in removed))
+            for n in removed:
+                del self.supervisors[n]
+            self.config = new
+            self.registry.apply_config(new)
+            for n, sup in self.supervisors.items():
+                sup.record = self.registry.servers[n]
+            for n in changed:
+                self.supervisors[n].request("restart", reason="config_change")
+            await self._start_supervisors([new_managed[n] for n in added], adopt=False)
+            result = {
+                "added": added,
+                "removed": removed,
+                "restarted": changed,
+                "unchanged": [n for n in new_managed if n not in added and n not in changed],
+                "needs_daemon_restart": needs_restart,
+            }
+            log.info("config reloaded: %s", result)
+            self.writer.add_event(server=None, kind="reload", message=str(result))
+            return result

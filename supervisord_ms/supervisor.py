@@ -1,0 +1,628 @@
+"""One asyncio task per local server: the state machine that launches, watches,
+stops and relaunches it.
+
+Each server has its own task, so one server's 30-minute weight loading or
+missing GPU never delays another's restart. This module is the only place that
+signals processes, and it only signals processes it started (see
+:class:`launcher.OwnedProcess`).
+
+    stopped ──start──> waiting_gpu / port_busy ──free──> starting ──/health 200──> ready
+       ^                                                   │ exit/timeout        │ exit, hang
+       └──stop── stopping <──restart/stop────────────────── backoff <────────────┘
+                                                           │ max_failures
+                                                           v
+                                                         fatal ──start──> (again)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import signal as signals
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+from . import backoff, launcher, states
+from .config import Config, ServerConfig
+from .gpus import GpuError, GpuView, is_gpu_free
+from .registry import ServerRecord
+from .store import StoreWriter
+
+log = logging.getLogger("modelserverd")
+
+# How often a waiting server rechecks its GPUs and port, and a starting one its /health.
+RECHECK_S = 1.0
+STARTUP_POLL_S = 0.25
+# After a stop, how long to wait for the port and GPU memory to be released.
+RELEASE_EXTRA_S = 30.0
+
+
+@dataclass
+class Failure:
+    """Why the current process has to go: becomes a ``restarts`` row on relaunch."""
+
+    reason: str  # one of states.RESTART_REASONS
+    message: str
+    exit_code: int | None = None
+    signal: int | None = None
+    at: float = field(default_factory=time.time)
+    backoff_s: float | None = None
+
+
+@dataclass
+class SupervisorContext:
+    """What every server's task shares: the daemon provides it."""
+
+    config: Callable[[], Config]
+    writer: StoreWriter
+    http: aiohttp.ClientSession
+    gpu_view: Callable[[], GpuView]  # raises GpuError when NVML is unavailable
+    nccl_ports: set[int] = field(default_factory=set)
+    rand: random.Random = field(default_factory=random.Random)
+
+
+class ServerSupervisor:
+    def __init__(self, record: ServerRecord, ctx: SupervisorContext):
+        self.record = record
+        self.ctx = ctx
+        self.want_running = True
+        self.history = backoff.FailureHistory()
+        self.pending: Failure | None = None  # the failure the next launch answers
+        self.proc: launcher.Spawned | None = None
+        self.owned: launcher.OwnedProcess | None = None
+        self.recorded: list[launcher.OwnedProcess] = []
+        self.exit_future: asyncio.Future[int | None] | None = None
+        self._pidfd: int | None = None
+        self._wake = asyncio.Event()
+        self._request: str | None = None  # "restart" | "stop" | "start" | "shutdown"
+        self._restart_reason = "manual"
+        self._task: asyncio.Task[None] | None = None
+        self.nccl_port: int | None = None
+
+    # --- public -------------------------------------------------------------------
+    @property
+    def server(self) -> ServerConfig:
+        return self.record.config
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    def start_task(self) -> asyncio.Task[None]:
+        self._task = asyncio.create_task(self._run(), name=f"supervise {self.name}")
+        return self._task
+
+    def request(self, what: str, *, reason: str = "manual") -> None:
+        """Ask the task to restart, stop or start; it acts at its next await.
+        ``reason`` is what a restart's row will say (``manual``, ``config_change``)."""
+        self._restart_reason = reason
+        if what in ("start", "restart"):
+            self.want_running = True
+        elif what in ("stop", "shutdown"):
+            self.want_running = False
+        self._request = what
+        self._wake.set()
+
+    async def shutdown(self) -> None:
+        """Stop the server (if running) and end the task."""
+        self.request("shutdown")
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    # --- state --------------------------------------------------------------------
+    def set_state(self, new: str, message: str = "", *, kind: str = "state") -> None:
+        old = self.record.state
+        if old == new and kind == "state" and not message:
+            return
+        self.record.state = new
+        if new in (states.BACKOFF, states.FATAL, states.WAITING_GPU, states.PORT_BUSY) and message:
+            self.record.last_error = message
+        if new == states.READY:
+            self.record.ready_since = time.monotonic()
+        elif old == states.READY:
+            self.record.ready_since = None
+        text = f"server {self.name}: {old} -> {new}" + (f" ({message})" if message else "")
+        level = (
+            logging.WARNING
+            if new in (states.FATAL, states.UNHEALTHY, states.BACKOFF)
+            else logging.INFO
+        )
+        if old != new:
+            log.log(level, text)
+        self.ctx.writer.add_event(
+            server=self.name, kind=kind, old_state=old, new_state=new, message=message or None
+        )
+        self.save()
+
+    def save(self) -> None:
+        """Mirror the record into the ``servers`` table (adoption reads it back)."""
+        s, r = self.server, self.record
+        self.ctx.writer.upsert_server(
+            {
+                "name": s.name,
+                "ip": s.ip,
+                "port": s.port,
+                "model_size": s.model_size,
+                "model_path": s.model_path,
+                "gpus": json.dumps(list(s.gpus)),
+                "local": 1,
+                "state": r.state,
+                "pid": r.pid,
+                "pgid": r.pgid,
+                "started_at": _iso(r.started_at),
+                "updated_at": _iso(time.time()),
+                "proc_create_time": self.owned.create_time if self.owned else None,
+                "cmdline": json.dumps(self.proc.cmdline) if self.proc else self._adopted_cmdline,
+                "descendants": launcher.encode_processes(self.recorded),
+            }
+        )
+
+    _adopted_cmdline: str | None = None
+
+    # --- main loop ----------------------------------------------------------------
+    async def _run(self) -> None:
+        try:
+            while True:
+                req, self._request = self._request, None
+                self._wake.clear()
+                if req == "shutdown":
+                    await self._stop_process("daemon shutting down")
+                    return
+                if req == "restart" and (self.owned is None or not self.owned.alive()):
+                    self.want_running = True
+                    if self.pending is None:
+                        self.pending = Failure(self._restart_reason, "restart requested")
+                if req in ("start", "restart") and self.record.state == states.FATAL:
+                    self.history = self.history.reset()
+                    self.record.consecutive_failures = 0
+                    self.pending = Failure("manual", "started by request after fatal")
+                if not self.want_running:
+                    await self._stop_process("stop requested")
+                    self.set_state(states.STOPPED, "stopped by request" if req else "")
+                    await self._wake.wait()
+                    continue
+                if self.record.state == states.FATAL and req not in ("start", "restart"):
+                    await self._wake.wait()
+                    continue
+                if self.owned is None or not self.owned.alive():
+                    if not await self._wait_for_resources():
+                        continue
+                    if not await self._launch():
+                        continue
+                failure = await self._watch()
+                if failure is None:  # a request interrupted the watch
+                    if self._request == "restart":
+                        self._request = None
+                        why = (
+                            "config changed"
+                            if self._restart_reason == "config_change"
+                            else "restart requested"
+                        )
+                        self.pending = Failure(self._restart_reason, why)
+                        await self._stop_process(why)
+                    continue
+                await self._handle_failure(failure)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the daemon must outlive a bug in one server's task
+            log.exception("server %s: supervisor task failed; server left as is", self.name)
+            self.set_state(states.FATAL, "internal error in the supervisor; see the daemon log")
+
+    # --- before launch --------------------------------------------------------------
+    async def _wait_for_resources(self) -> bool:
+        """Wait until every GPU of the server is free and its port is free."""
+        while True:
+            blocker = await asyncio.to_thread(self._check_resources)
+            if blocker is None:
+                return True
+            state, message = blocker
+            if self.record.state != state or self.record.last_error != message:
+                self.set_state(state, message)
+            if await self._sleep_or_wake(RECHECK_S):
+                return False
+
+    def _check_resources(self) -> tuple[str, str] | None:
+        cfg = self.ctx.config().daemon
+        try:
+            view = self.ctx.gpu_view()
+            gpus = {g.index: g for g in view.snapshot()}
+        except GpuError as exc:
+            return states.WAITING_GPU, f"cannot read GPUs: {exc}"
+        for index in self.server.gpus:
+            info = gpus.get(index)
+            if info is None:
+                have = ", ".join(str(i) for i in sorted(gpus)) or "none"
+                return states.WAITING_GPU, f"GPU {index} not found (this host has GPUs {have})"
+            if not is_gpu_free(info, cfg.gpu_free_ratio):
+                holders = ", ".join(f"pid {p.pid} ({p.used_mib} MiB)" for p in info.processes)
+                return (
+                    states.WAITING_GPU,
+                    f"GPU {index} has {info.free_mib} of {info.total_mib} MiB free "
+                    f"(needs {cfg.gpu_free_ratio:.0%}); held by {holders or 'unknown processes'}",
+                )
+        holder = launcher.port_listener(self.server.ip, self.server.port)
+        if holder is not None:
+            who = f"pid {holder}" if holder else "a process this daemon cannot see"
+            return states.PORT_BUSY, f"port {self.server.port} on {self.server.ip} is held by {who}"
+        return None
+
+    async def _launch(self) -> bool:
+        cfg = self.ctx.config()
+        if (
+            self.nccl_port is None
+            or launcher.port_listener("127.0.0.1", self.nccl_port) is not None
+        ):
+            self.ctx.nccl_ports.discard(self.nccl_port or -1)
+            self.nccl_port = launcher.free_tcp_port(
+                self.ctx.nccl_ports | {s.port for s in cfg.servers}
+            )
+            self.ctx.nccl_ports.add(self.nccl_port)
+        spec = launcher.build_launch(self.server, cfg.sglang, self.nccl_port)
+        log_path = Path(cfg.daemon.log_dir) / f"{self.name}.log"
+        old_pid = self.record.pid
+        try:
+            spawned = await asyncio.to_thread(launcher.spawn, spec, log_path)
+        except launcher.LaunchError as exc:
+            await self._handle_failure(Failure("crash", str(exc)))
+            return False
+        self.proc = spawned
+        self.owned = spawned.owned
+        self.recorded = []
+        self._adopted_cmdline = None
+        self.record.pid = spawned.pid
+        self.record.pgid = spawned.pid
+        self.record.started_at = time.time()
+        self._watch_exit(spawned.pid)
+        if self.pending is not None:
+            failure, self.pending = self.pending, None
+            self.record.restarts += 1
+            self.ctx.writer.add_restart(
+                server=self.name,
+                reason=failure.reason,
+                attempt=self.history.count(time.monotonic(), cfg.restart.failure_window_s)
+                if failure.reason != "manual"
+                else 0,
+                backoff_s=failure.backoff_s,
+                old_pid=old_pid,
+                new_pid=spawned.pid,
+                exit_code=failure.exit_code,
+                signal=failure.signal,
+                message=failure.message,
+                ts=failure.at,
+            )
+        self.set_state(states.STARTING, f"pid {spawned.pid}: {spec.shell_line()}")
+        return True
+
+    # --- watching -------------------------------------------------------------------
+    def _watch_exit(self, pid: int) -> None:
+        """Resolve ``exit_future`` when the process exits (pidfd: works for adopted
+        processes too, which are not our children)."""
+        loop = asyncio.get_running_loop()
+        self._close_pidfd()
+        fut: asyncio.Future[int | None] = loop.create_future()
+        self.exit_future = fut
+        try:
+            fd = os.pidfd_open(pid)
+        except (ProcessLookupError, OSError):
+            fut.set_result(self._reap())
+            return
+        self._pidfd = fd
+
+        def on_exit() -> None:
+            self._close_pidfd()
+            if not fut.done():
+                fut.set_result(self._reap())
+
+        loop.add_reader(fd, on_exit)
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            with contextlib.suppress(OSError):
+                os.close(self._pidfd)
+            self._pidfd = None
+
+    def _reap(self) -> int | None:
+        if self.proc is not None:
+            with contextlib.suppress(Exception):
+                return self.proc.popen.wait(timeout=1.0)
+        return None
+
+    async def _watch(self) -> Failure | None:
+        """Follow the process from starting to ready and while ready; return why it
+        must be replaced, or None when a request (stop/restart) interrupted."""
+        cfg = self.ctx.config()
+        d = cfg.daemon
+        assert self.exit_future is not None
+        launched = time.monotonic() if self.record.state != states.READY else None
+        failures = 0
+        timeouts = 0
+        while True:
+            if self.record.state == states.STARTING:
+                if launched is None:
+                    launched = time.monotonic()
+                if time.monotonic() - launched > d.startup_timeout_s:
+                    return Failure(
+                        "startup_timeout",
+                        f"not ready after {d.startup_timeout_s:g} s (startup_timeout_s)",
+                    )
+                wait = STARTUP_POLL_S
+            else:
+                wait = d.probe_interval_s
+            exited = await self._wait_exit_or_wake(wait)
+            if exited:
+                return self._exit_failure()
+            if self._request is not None:
+                return None
+            self._refresh_descendants()
+            status = await self._health(d.health_timeout_s)
+            if self.exit_future.done():
+                return self._exit_failure()
+            if self.record.state == states.STARTING:
+                if status == 200:
+                    self.set_state(states.READY, f"/health answered 200 (pid {self.record.pid})")
+                continue
+            if status == 200:
+                failures = timeouts = 0
+                if self.record.state == states.UNHEALTHY:
+                    self.set_state(states.READY, "/health answers again")
+                self._maybe_stable()
+                continue
+            failures += 1
+            timeouts += status is None
+            what = "no answer" if status is None else f"HTTP {status}"
+            if failures >= d.health_failures:
+                reason = "hang" if timeouts else "unhealthy"
+                self.set_state(
+                    states.UNHEALTHY,
+                    f"{failures} consecutive failed health checks (last: {what})",
+                )
+                return Failure(reason, f"{failures} consecutive failed health checks ({what})")
+            log.info(
+                "server %s: health check failed (%s), %d of %d",
+                self.name,
+                what,
+                failures,
+                d.health_failures,
+            )
+
+    def _maybe_stable(self) -> None:
+        cfg = self.ctx.config().restart
+        if self.record.consecutive_failures and backoff.is_stable(
+            self.record.ready_since, time.monotonic(), cfg.stable_after_s
+        ):
+            self.history = self.history.reset()
+            self.record.consecutive_failures = 0
+            self.ctx.writer.add_event(
+                server=self.name,
+                kind="stable",
+                message=f"ready for {cfg.stable_after_s:g} s; failure count reset",
+            )
+
+    async def _wait_exit_or_wake(self, timeout: float) -> bool:
+        assert self.exit_future is not None
+        wake = asyncio.ensure_future(self._wake.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {self.exit_future, wake}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            wake.cancel()
+        return self.exit_future.done()
+
+    async def _sleep_or_wake(self, timeout: float) -> bool:
+        """Sleep; True when a request arrived meanwhile."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        if self._request is not None:
+            return True
+        self._wake.clear()
+        return False
+
+    async def _health(self, timeout_s: float) -> int | None:
+        """HTTP status of GET /health, or None when there was no answer."""
+        url = f"{self.server.url}/health"
+        try:
+            async with self.ctx.http.get(
+                url, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as resp:
+                await resp.read()
+                return resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return None
+
+    def _refresh_descendants(self) -> None:
+        if self.owned is None:
+            return
+        known = {p.pid: p for p in self.recorded if p.alive()}
+        before = set(known)
+        for child in launcher.descendants(self.owned.pid):
+            known.setdefault(child.pid, child)
+        self.recorded = list(known.values())
+        if set(known) != before:
+            self.save()
+
+    def _exit_failure(self) -> Failure:
+        assert self.exit_future is not None
+        code = self.exit_future.result()
+        if code is None:
+            return Failure("crash", f"pid {self.record.pid} exited (exit status unknown)")
+        if code < 0:
+            sig = -code
+            try:
+                name = signals.Signals(sig).name
+            except ValueError:
+                name = f"signal {sig}"
+            return Failure("crash", f"pid {self.record.pid} killed by {name}", signal=sig)
+        return Failure("crash", f"pid {self.record.pid} exited with code {code}", exit_code=code)
+
+    # --- failure and stop -------------------------------------------------------------
+    async def _handle_failure(self, failure: Failure) -> None:
+        cfg = self.ctx.config().restart
+        await self._stop_process(failure.message, failed=True)
+        now = time.monotonic()
+        self.history = self.history.record(now, cfg.failure_window_s)
+        self.record.consecutive_failures = self.history.count(now, cfg.failure_window_s)
+        self.record.last_error = failure.message
+        decision = backoff.decide_restart(
+            self.history,
+            now,
+            max_failures=cfg.max_failures,
+            window_s=cfg.failure_window_s,
+            initial_s=cfg.backoff_initial_s,
+            max_s=cfg.backoff_max_s,
+            rand=self.ctx.rand.random(),
+        )
+        if decision.action == "fatal":
+            self.pending = None
+            self.set_state(states.FATAL, f"{failure.message}; {decision.reason_text}")
+            return
+        failure.backoff_s = decision.delay_s
+        self.pending = failure
+        self.set_state(
+            states.BACKOFF,
+            f"{failure.reason}: {failure.message}; relaunch in {decision.delay_s:.2f} s "
+            f"(attempt {decision.attempt})",
+        )
+        await self._sleep_or_wake(decision.delay_s)
+
+    async def _stop_process(self, why: str, *, failed: bool = False) -> None:
+        """Stop whatever is left of the process tree and wait until its port and GPU
+        memory are released."""
+        owned, pgid = self.owned, self.record.pgid
+        if owned is None:
+            return
+        cfg = self.ctx.config().daemon
+        self._refresh_descendants()
+        recorded = list(self.recorded)
+        if owned.alive():
+            if not failed:
+                self.set_state(states.STOPPING, why)
+            notes = await launcher.stop_tree(owned, pgid, recorded, timeout_s=cfg.stop_timeout_s)
+            for note in notes:
+                log.warning("server %s: %s", self.name, note)
+                self.ctx.writer.add_event(server=self.name, kind="escalation", message=note)
+        else:
+            killed = await launcher.kill_leftovers(pgid, recorded)
+            if killed:
+                note = f"killed leftover processes of the dead server: {killed}"
+                log.warning("server %s: %s", self.name, note)
+                self.ctx.writer.add_event(server=self.name, kind="orphans_killed", message=note)
+        if self.exit_future is not None and not self.exit_future.done():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.exit_future), 2.0)
+        self._close_pidfd()
+        pids = {owned.pid, *(p.pid for p in recorded)}
+        await self._wait_released(pids, cfg.stop_timeout_s + RELEASE_EXTRA_S)
+        self.owned = None
+        self.proc = None
+        self.recorded = []
+        self.record.pid = None
+        self.record.pgid = None
+        self.save()
+
+    async def _wait_released(self, pids: set[int], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            holding = await asyncio.to_thread(self._still_held, pids)
+            if not holding:
+                return
+            if time.monotonic() >= deadline:
+                msg = f"after stop, still held: {holding}; continuing"
+                log.warning("server %s: %s", self.name, msg)
+                self.ctx.writer.add_event(server=self.name, kind="release_timeout", message=msg)
+                return
+            await asyncio.sleep(0.1)
+
+    def _still_held(self, pids: set[int]) -> str:
+        held = []
+        holder = launcher.port_listener(self.server.ip, self.server.port)
+        if holder is not None and (holder == 0 or holder in pids):
+            held.append(f"port {self.server.port}")
+        try:
+            for gpu in self.ctx.gpu_view().snapshot():
+                if gpu.index in self.server.gpus:
+                    mine = [p for p in gpu.processes if p.pid in pids and psutil.pid_exists(p.pid)]
+                    if mine:
+                        held.append(f"GPU {gpu.index} memory of pids {[p.pid for p in mine]}")
+        except GpuError:
+            pass
+        return ", ".join(held)
+
+    # --- adoption -----------------------------------------------------------------------
+    async def adopt(self, row: dict) -> bool:
+        """Take over a server an earlier daemon launched, if it is still that process."""
+        pid, ctime = row.get("pid"), row.get("proc_create_time")
+        recorded = launcher.decode_processes(row.get("descendants"))
+        if not pid or ctime is None:
+            return False
+        owned = launcher.OwnedProcess(int(pid), float(ctime))
+        try:
+            cmdline = json.loads(row.get("cmdline") or "null")
+        except ValueError:
+            cmdline = None
+        status: int | None = None
+        answering = False
+        same = owned.alive() and cmdline is not None
+        if same:
+            try:
+                same = psutil.Process(owned.pid).cmdline() == cmdline
+            except psutil.Error:
+                same = False
+        if same:
+            status = await self._health(min(5.0, self.ctx.config().daemon.health_timeout_s))
+            answering = status is not None
+        if not same or not answering:
+            leftovers = [p for p in [owned, *recorded] if p.alive()]
+            why = (
+                "process gone"
+                if not owned.alive()
+                else "not the process we launched or not answering"
+            )
+            if leftovers and (owned.alive() or recorded):
+                await launcher.stop_tree(
+                    leftovers[0], None, leftovers, timeout_s=self.ctx.config().daemon.stop_timeout_s
+                )
+            self.ctx.writer.add_event(
+                server=self.name,
+                kind="stale_record",
+                message=f"recorded pid {pid}: {why}; cleaned"
+                + (f", stopped leftovers {[p.pid for p in leftovers]}" if leftovers else ""),
+            )
+            log.info("server %s: stale record of pid %s (%s); cleaned", self.name, pid, why)
+            return False
+        self.owned = owned
+        self.recorded = [p for p in recorded if p.alive()]
+        self._adopted_cmdline = row.get("cmdline")
+        self.record.pid = owned.pid
+        self.record.pgid = row.get("pgid")
+        self.record.started_at = _parse_iso(row.get("started_at"))
+        self._watch_exit(owned.pid)
+        new_state = states.READY if status == 200 else states.STARTING
+        self.set_state(
+            new_state, f"adopted running pid {owned.pid} from an earlier daemon", kind="adopted"
+        )
+        return True
+
+
+def _iso(ts: float | None) -> str | None:
+    from .store import iso_utc
+
+    return iso_utc(ts) if ts is not None else None
+
+
+def _parse_iso(text: str | None) -> float | None:
+    from .store import parse_iso
+
+    return parse_iso(text) if text else None
