@@ -383,7 +383,8 @@ def parse_config(
     if restart_values.get("backoff_initial_s", 1.0) > restart_values.get("backoff_max_s", 300.0):
         problems.add(
             f"restart.backoff_max_s: got {restart_values.get('backoff_max_s', 300.0)}, "
-            "expected a number >= restart.backoff_initial_s"
+            "expected a number >= restart.backoff_initial_s "
+            f"({restart_values.get('backoff_initial_s', 1.0)})"
         )
 
     addresses = set(host_addresses) if host_addresses is not None else None
@@ -417,25 +418,30 @@ def _check_servers(
         missing = [k for k in SERVER_REQUIRED if k not in table]
         for key in missing:
             problems.add(f"{prefix}.{key}: missing, expected {SERVER_KEYS[key](None)}")
+        # The cross-server checks run on whatever is valid, so a typo in one key
+        # does not hide a clash that the next reload would report.
+        name = values.get("name")
+        if "name" not in table and all(k in values for k in ("model_size", "ip", "port")):
+            name = _default_name(values["model_size"], values["ip"], values["port"])
+        if name is not None:
+            if name in seen_names:
+                problems.add(
+                    f'{prefix}.name: got "{name}", expected a unique name '
+                    f"(servers[{seen_names[name]}] has it already)"
+                )
+            seen_names.setdefault(name, i)
+        if "ip" in values and "port" in values:
+            endpoint = (values["ip"], values["port"])
+            if endpoint in seen_endpoints:
+                problems.add(
+                    f"{prefix}.port: got {values['port']} on {values['ip']}, "
+                    "expected a free ip:port "
+                    f"(servers[{seen_endpoints[endpoint]}] listens there already)"
+                )
+            seen_endpoints.setdefault(endpoint, i)
         if len(values) != len(table) or missing:
             continue
-        name = values.get("name") or _default_name(
-            values["model_size"], values["ip"], values["port"]
-        )
         values["name"] = name
-        if name in seen_names:
-            problems.add(
-                f'{prefix}.name: got "{name}", expected a unique name '
-                f"(servers[{seen_names[name]}] has it already)"
-            )
-        seen_names.setdefault(name, i)
-        endpoint = (values["ip"], values["port"])
-        if endpoint in seen_endpoints:
-            problems.add(
-                f"{prefix}.port: got {values['port']} on {values['ip']}, expected a free ip:port "
-                f"(servers[{seen_endpoints[endpoint]}] listens there already)"
-            )
-        seen_endpoints.setdefault(endpoint, i)
         local = addresses is not None and values["ip"] in addresses
         server = ServerConfig(local=local, **_freeze(values))
         if server.is_managed:

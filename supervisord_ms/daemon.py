@@ -104,9 +104,20 @@ class Daemon:
 
     # --- lifecycle ----------------------------------------------------------------
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
+        """Serve until SIGTERM; every resource is released even when start-up fails."""
         self.writer.start()
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
+        try:
+            return await self._serve()
+        finally:
+            await self.http.close()
+            self.writer.close()
+            self.store.close()
+            self.gpus.close()
+
+    async def _serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        assert self.http is not None
         self.ctx = SupervisorContext(
             config=lambda: self.config,
             writer=self.writer,
@@ -169,10 +180,6 @@ class Daemon:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.config.daemon.socket)
         self.writer.add_event(server=None, kind="daemon_stop", message="all servers stopped")
-        await self.http.close()
-        self.writer.close()
-        self.store.close()
-        self.gpus.close()
         log.info("modelserverd stopped")
         return 0
 

@@ -148,15 +148,13 @@ def descendants(pid: int) -> list[OwnedProcess]:
     return found
 
 
-def encode_processes(procs: Iterable[OwnedProcess]) -> str:
-    return json.dumps([[p.pid, p.create_time] for p in procs])
-
-
-def decode_processes(text: str | None) -> list[OwnedProcess]:
-    if not text:
+def decode_processes(value: str | list | None) -> list[OwnedProcess]:
+    """Recorded ``[[pid, create_time], ...]`` (JSON text or already decoded)."""
+    if not value:
         return []
     try:
-        return [OwnedProcess(int(pid), float(ct)) for pid, ct in json.loads(text)]
+        items = json.loads(value) if isinstance(value, str) else value
+        return [OwnedProcess(int(pid), float(ct)) for pid, ct in items]
     except (ValueError, TypeError):
         return []
 
@@ -289,7 +287,9 @@ async def stop_tree(
     Returns a note per escalation, for the event log.
     """
     notes: list[str] = []
-    tree = [main, *descendants(main.pid), *recorded]
+    # A dead main's pid may already belong to someone else: only walk a live one.
+    live_children = descendants(main.pid) if main.alive() else []
+    tree = [main, *live_children, *recorded]
     if pgid is not None:
         tree.extend(group_members(pgid))
     tree = list({p.pid: p for p in tree if p.alive()}.values())

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
@@ -87,6 +86,7 @@ class ServerSupervisor:
         self._restart_reason = "manual"
         self._task: asyncio.Task[None] | None = None
         self.nccl_port: int | None = None
+        self.last_pid: int | None = None  # the process the next launch replaces
 
     # --- public -------------------------------------------------------------------
     @property
@@ -154,20 +154,20 @@ class ServerSupervisor:
                 "port": s.port,
                 "model_size": s.model_size,
                 "model_path": s.model_path,
-                "gpus": json.dumps(list(s.gpus)),
+                "gpus": list(s.gpus),
                 "local": 1,
                 "state": r.state,
                 "pid": r.pid,
                 "pgid": r.pgid,
-                "started_at": _iso(r.started_at),
-                "updated_at": _iso(time.time()),
+                "started_at": r.started_at,
+                "updated_at": time.time(),
                 "proc_create_time": self.owned.create_time if self.owned else None,
-                "cmdline": json.dumps(self.proc.cmdline) if self.proc else self._adopted_cmdline,
-                "descendants": launcher.encode_processes(self.recorded),
+                "cmdline": self.proc.cmdline if self.proc else self._adopted_cmdline,
+                "descendants": [[p.pid, p.create_time] for p in self.recorded],
             }
         )
 
-    _adopted_cmdline: str | None = None
+    _adopted_cmdline: list[str] | None = None
 
     # --- main loop ----------------------------------------------------------------
     async def _run(self) -> None:
@@ -269,7 +269,7 @@ class ServerSupervisor:
             self.ctx.nccl_ports.add(self.nccl_port)
         spec = launcher.build_launch(self.server, cfg.sglang, self.nccl_port)
         log_path = Path(cfg.daemon.log_dir) / f"{self.name}.log"
-        old_pid = self.record.pid
+        old_pid = self.last_pid
         try:
             spawned = await asyncio.to_thread(launcher.spawn, spec, log_path)
         except launcher.LaunchError as exc:
@@ -503,6 +503,7 @@ class ServerSupervisor:
         owned, pgid = self.owned, self.record.pgid
         if owned is None:
             return
+        self.last_pid = owned.pid
         cfg = self.ctx.config().daemon
         self._refresh_descendants()
         recorded = list(self.recorded)
@@ -568,9 +569,8 @@ class ServerSupervisor:
         if not pid or ctime is None:
             return False
         owned = launcher.OwnedProcess(int(pid), float(ctime))
-        try:
-            cmdline = json.loads(row.get("cmdline") or "null")
-        except ValueError:
+        cmdline = row.get("cmdline")
+        if not isinstance(cmdline, list):
             cmdline = None
         status: int | None = None
         answering = False
@@ -614,12 +614,6 @@ class ServerSupervisor:
             new_state, f"adopted running pid {owned.pid} from an earlier daemon", kind="adopted"
         )
         return True
-
-
-def _iso(ts: float | None) -> str | None:
-    from .store import iso_utc
-
-    return iso_utc(ts) if ts is not None else None
 
 
 def _parse_iso(text: str | None) -> float | None:

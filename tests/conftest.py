@@ -17,3 +17,6 @@ def free_port() -> int:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+pytest_plugins = ["daemon_harness"]

@@ -1,0 +1,1130 @@
+"""The state database: schema, migrations, a batching background writer, and reads.
+
+One SQLite file (``[daemon].state_db``) holds what an operator audits later:
+the servers this daemon knows, latency samples, restarts and state-change events.
+The contract (DESIGN.md, "State database") is that a person can run
+``sqlite3 state.db`` while the daemon writes, without "database is locked", and
+read timestamps that ``datetime()`` understands. That shapes everything here:
+
+* WAL mode, so readers never wait for the writer and the writer never waits for
+  readers.
+* One writer: :class:`StoreWriter` owns the only write connection, on its own
+  thread. The supervisor, prober and API hand it rows through a queue and never
+  wait on the disk; it commits them in batches, one short transaction each.
+* :class:`Store` is the read side: small queries, each its own read transaction.
+* Timestamps are UTC ISO-8601 text with milliseconds and a ``Z``
+  (``2026-11-25T17:40:00.123Z``), written by :func:`iso_utc`. All rows use the
+  same fixed-width format, so comparing the text compares the times, and the
+  ``ts`` indexes serve ``since`` filters and retention deletes.
+* The schema version is ``PRAGMA user_version`` = the number of entries of
+  :data:`MIGRATIONS` applied. Migrations only ever run forward, each in its own
+  transaction; a shipped migration is never edited, a new one is appended.
+* A database that cannot be used (corrupt, written by a newer version, not
+  writable) is refused with :class:`StoreError` and left byte-for-byte as it
+  was: the history in it is the operator's, never silently reset.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from . import states
+from .errors import ModelServerdError
+
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "SERVER_COLUMNS",
+    "SOURCES",
+    "Store",
+    "StoreError",
+    "StoreWriter",
+    "iso_utc",
+    "migrate",
+    "migration",
+    "parse_iso",
+]
+
+log = logging.getLogger(__name__)
+
+# How long a connection waits for a lock held by another connection before it
+# gives up with "database is locked". In WAL mode only writers ever wait, and
+# the daemon has one writer, so this matters only when a person holds a write
+# transaction open in `sqlite3`, or two daemons share one file by mistake.
+BUSY_TIMEOUT_S = 5.0
+
+SOURCES = ("probe", "client")
+
+
+class StoreError(ModelServerdError):
+    """The state database cannot be used: missing directory, corrupt file, written
+    by a newer modelserverd, not writable, or a read that failed.
+
+    Raised by :class:`Store` and :class:`StoreWriter` when they open the file (the
+    daemon then refuses to start and the CLI prints the message), and by reads.
+    The message names the file and says what to do.
+    """
+
+
+# --------------------------------------------------------------------------
+# Timestamps
+
+
+_MIN_SECOND = -62135596800  # 0001-01-01T00:00:00Z
+_MAX_SECOND = 253402300799  # 9999-12-31T23:59:59Z
+# The text of the last whole second formatted: nearly every call falls in the
+# same second as the one before, and gmtime + formatting is most of the cost.
+_last_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
+
+
+def iso_utc(epoch_seconds: float | None = None) -> str:
+    """Format a Unix time (default: now) as ``2026-11-25T17:40:00.123Z``.
+
+    This is the only timestamp format written to the database: UTC, so rows
+    from before and after a DST change or a host timezone change sort
+    correctly; milliseconds, because probes and restarts happen within one
+    second of each other; the ``Z``, which SQLite's ``datetime()`` accepts. The
+    width is fixed (four-digit year, zero padding), so text order is time order.
+    The value is rounded to the nearest millisecond; years 1 to 9999 only.
+    """
+    global _last_second
+    if epoch_seconds is None:
+        epoch_seconds = time.time()
+    try:
+        secs, ms = divmod(round(epoch_seconds * 1000), 1000)
+    except (ValueError, OverflowError):
+        raise ValueError(f"not a finite timestamp: {epoch_seconds!r}") from None
+    cached = _last_second
+    if cached[0] != secs:
+        if not _MIN_SECOND <= secs <= _MAX_SECOND:
+            raise ValueError(f"timestamp outside years 1 to 9999: {epoch_seconds!r}")
+        t = time.gmtime(secs)
+        cached = (
+            secs,
+            f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}"
+            f"T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}",
+        )
+        _last_second = cached  # one tuple assignment: safe across threads
+    return f"{cached[1]}.{ms:03d}Z"
+
+
+def parse_iso(text: str) -> float:
+    """Turn a timestamp read from the database back into a Unix time.
+
+    Accepts what :func:`iso_utc` writes and, so that hand-written values from
+    an operator work too, any ISO-8601 form that ``datetime.fromisoformat``
+    reads, with ``Z`` or an offset; a value without an offset is taken as UTC
+    (the database holds only UTC). Raises ``ValueError`` for anything else.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"not an ISO-8601 timestamp: {text!r}")
+    value = text.strip()
+    if value[-1:] in ("Z", "z"):
+        value = value[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"not an ISO-8601 timestamp: {text!r}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
+
+
+# --------------------------------------------------------------------------
+# Migrations
+
+MIGRATIONS: list[Callable[[Database], None]] = []
+
+
+def migration(fn: Callable[[Database], None]) -> Callable[[Database], None]:
+    """Register ``fn`` as the next migration. Its position is its version number:
+    the database's ``user_version`` counts the migrations applied so far."""
+    MIGRATIONS.append(fn)
+    return fn
+
+
+# The restart reasons as m001 shipped them. A literal, not states.RESTART_REASONS:
+# a shipped migration must create the same schema forever. A new reason needs a
+# new migration that rebuilds the CHECK (tests fail until there is one).
+_M001_RESTART_REASONS = (
+    "crash",
+    "hang",
+    "unhealthy",
+    "startup_timeout",
+    "manual",
+    "config_change",
+    "gpu_lost",
+)
+
+
+@migration
+def m001_initial(db: Database) -> None:
+    """The four tables of DESIGN.md. ``IF NOT EXISTS`` everywhere: harmless on a
+    fresh file, and it keeps the step safe to re-run by hand."""
+    reasons = ", ".join(f"'{r}'" for r in _M001_RESTART_REASONS)
+    statements = [
+        """
+        CREATE TABLE IF NOT EXISTS servers (
+            name TEXT PRIMARY KEY,
+            ip TEXT,
+            port INTEGER,
+            model_size TEXT,
+            model_path TEXT,
+            gpus TEXT,              -- JSON list of GPU indexes
+            local INTEGER,          -- 1: managed by this host's daemon
+            state TEXT,
+            pid INTEGER,
+            pgid INTEGER,
+            started_at TEXT,
+            updated_at TEXT
+        )
+        """,
+        """
+        CREATE TABLE IF NOT EXISTS latency_samples (
+            id INTEGER PRIMARY KEY,
+            ts TEXT NOT NULL,
+            server TEXT NOT NULL,
+            source TEXT NOT NULL CHECK (source IN ('probe', 'client')),
+            ok INTEGER NOT NULL,
+            latency_s REAL,
+            ttft_s REAL,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            error TEXT
+        )
+        """,
+        "CREATE INDEX IF NOT EXISTS latency_samples_server_ts ON latency_samples (server, ts)",
+        "CREATE INDEX IF NOT EXISTS latency_samples_ts ON latency_samples (ts)",
+        f"""
+        CREATE TABLE IF NOT EXISTS restarts (
+            id INTEGER PRIMARY KEY,
+            ts TEXT NOT NULL,
+            server TEXT NOT NULL,
+            reason TEXT NOT NULL CHECK (reason IN ({reasons})),
+            attempt INTEGER,
+            backoff_s REAL,
+            old_pid INTEGER,
+            new_pid INTEGER,
+            exit_code INTEGER,
+            signal INTEGER,
+            message TEXT
+        )
+        """,
+        "CREATE INDEX IF NOT EXISTS restarts_server_ts ON restarts (server, ts)",
+        """
+        CREATE TABLE IF NOT EXISTS events (
+            id INTEGER PRIMARY KEY,
+            ts TEXT NOT NULL,
+            server TEXT,            -- NULL: an event of the daemon itself
+            kind TEXT NOT NULL,
+            old_state TEXT,
+            new_state TEXT,
+            message TEXT
+        )
+        """,
+        "CREATE INDEX IF NOT EXISTS events_server_ts ON events (server, ts)",
+    ]
+    for sql in statements:
+        db.execute(sql)
+
+
+@migration
+def m002_server_adoption(db: Database) -> None:
+    """Columns that let a restarted daemon adopt the servers it left running.
+
+    SGLang servers run in their own sessions and outlive a daemon restart
+    (upgrade, crash, ``systemctl restart``). On start the daemon must tell "my
+    server, still running" from "a stranger that got the same pid": pids are
+    reused, so a pid alone proves nothing, and the daemon must never signal a
+    process it did not start. ``proc_create_time`` (psutil's ``create_time()``
+    of the pid) and ``cmdline`` (JSON list) identify the process exactly.
+    ``descendants`` (JSON list of pids last seen in its process tree) lets a
+    stop also reach scheduler children that left the process group, which
+    would otherwise hold GPU memory for good.
+
+    Added one column at a time and only if missing, so a database where a
+    column was added by hand still migrates.
+    """
+    existing = set(db["servers"].columns_dict)
+    for column, sqltype in (
+        ("proc_create_time", "REAL"),
+        ("cmdline", "TEXT"),
+        ("descendants", "TEXT"),
+    ):
+        if column not in existing:
+            db.execute(f"ALTER TABLE servers ADD COLUMN {column} {sqltype}")
+
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+SERVER_COLUMNS = (
+    "name",
+    "ip",
+    "port",
+    "model_size",
+    "model_path",
+    "gpus",
+    "local",
+    "state",
+    "pid",
+    "pgid",
+    "started_at",
+    "updated_at",
+    "proc_create_time",
+    "cmdline",
+    "descendants",
+)
+_SERVER_JSON_COLUMNS = ("gpus", "cmdline", "descendants")
+_SERVER_TIME_COLUMNS = ("started_at", "updated_at")
+
+
+def _user_version(db: Database) -> int:
+    return int(db.conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(db: Database, target: int | None = None) -> int:
+    """Apply the migrations the database lacks, up to ``target`` (default: all).
+
+    Runs on every open and is idempotent. Each step runs in its own
+    ``BEGIN IMMEDIATE`` transaction together with its ``user_version`` bump, and
+    re-reads the version inside it, so two processes opening the same file at
+    once apply each step exactly once, and a failing step leaves the database
+    at the previous version. ``db`` must be in autocommit mode
+    (``isolation_level=None``). Returns the version reached.
+    """
+    if target is None:
+        target = len(MIGRATIONS)
+    if not 0 <= target <= len(MIGRATIONS):
+        raise ValueError(f"no schema version {target}; known: 0..{len(MIGRATIONS)}")
+    while _user_version(db) < target:
+        db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = _user_version(db)
+            if version < target:
+                MIGRATIONS[version](db)
+                db.conn.execute(f"PRAGMA user_version = {version + 1}")
+            db.conn.execute("COMMIT")
+        except BaseException:
+            if db.conn.in_transaction:
+                db.conn.execute("ROLLBACK")
+            raise
+    return _user_version(db)
+
+
+# --------------------------------------------------------------------------
+# Opening
+
+
+def _untouched(path: Path) -> str:
+    return (
+        f"The file was left untouched: move {path} aside (modelserverd then creates a "
+        f"fresh database) or restore it from a backup."
+    )
+
+
+def _check_location(path: Path) -> None:
+    """Refuse, before SQLite sees it, a path the daemon could not write.
+
+    SQLite would otherwise open such a file read-only without a word and fail
+    only at the first write, long after start, on the writer thread.
+    """
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot create the directory {parent} for the state database {path}: "
+            f"{exc.strerror or exc}. Create it, writable by the daemon's user, or set "
+            f"[daemon].state_db to another path."
+        ) from exc
+    if not parent.is_dir():
+        raise StoreError(
+            f"{parent} is not a directory, so the state database {path} cannot be "
+            f"created there; set [daemon].state_db to another path."
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StoreError(
+            f"the directory {parent} is not writable by uid {os.geteuid()}; SQLite keeps "
+            f"{path.name}-wal and {path.name}-shm beside the state database {path}. Give the "
+            f"daemon's user write access to it or set [daemon].state_db to another path."
+        )
+    if path.exists():
+        if path.is_dir():
+            raise StoreError(
+                f"the state database {path} is a directory, not a file; set "
+                f"[daemon].state_db to a file path."
+            )
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise StoreError(
+                f"the state database {path} is not readable and writable by uid "
+                f"{os.geteuid()}; fix its owner or permissions (e.g. chown it to the daemon's "
+                f"user) or set [daemon].state_db to another path."
+            )
+
+
+def _check_contents(conn: sqlite3.Connection, path: Path) -> int:
+    """Read-only checks of an existing file; returns its schema version.
+
+    Nothing here writes, so a refused file stays byte-for-byte as it was.
+    """
+    try:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"the state database {path} has schema version {version}, but this "
+                f"modelserverd knows versions up to {len(MIGRATIONS)}: it was written by a "
+                f"newer modelserverd; upgrade modelserverd. The file was left untouched."
+            )
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)").fetchall()]
+        if problems != ["ok"]:
+            detail = "; ".join(problems).replace("\n", "; ")
+            raise StoreError(
+                f"the state database {path} is corrupt (PRAGMA quick_check: {detail}). "
+                + _untouched(path)
+            )
+        if version == 0:
+            tables = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' "
+                    "AND name NOT LIKE 'sqlite_%' ORDER BY name"
+                )
+            ]
+            if tables:
+                raise StoreError(
+                    f"{path} is a SQLite database of another program (schema version 0, "
+                    f"tables: {', '.join(tables)}), not a modelserverd state database. "
+                    + _untouched(path)
+                )
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(
+            f"{path} is not a SQLite database or is corrupt ({exc}). " + _untouched(path)
+        ) from exc
+    return version
+
+
+def _open(path: str | Path, busy_timeout_s: float = BUSY_TIMEOUT_S) -> Database:
+    """Open, check and migrate the database; return it in autocommit mode.
+
+    ``isolation_level=None``: transactions are explicit (``BEGIN IMMEDIATE`` ...
+    ``COMMIT``), never opened behind our back by the driver, so no read stays
+    open longer than one query and WAL checkpoints are not held up.
+    ``check_same_thread=False``: the writer opens its connection here, on the
+    caller's thread, so errors surface at construction, then uses it only on
+    its own thread; the reader guards its connection with a lock.
+    """
+    p = Path(path)
+    _check_location(p)
+    try:
+        conn = sqlite3.connect(
+            str(p), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+    except sqlite3.Error as exc:
+        raise StoreError(
+            f"cannot open the state database {p}: {exc}. Check the path and its "
+            f"permissions, or set [daemon].state_db to another path."
+        ) from exc
+    try:
+        version = _check_contents(conn, p)
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot switch the state database {p} to WAL mode: {exc}") from exc
+        if str(mode).lower() != "wal":
+            raise StoreError(
+                f"the state database {p} could not be switched to WAL mode (it stays in "
+                f"{mode!r} mode); WAL is needed so `sqlite3` can read it while the daemon "
+                f"writes. Put it on a local filesystem."
+            )
+        # In WAL mode NORMAL never corrupts the file; a power cut may lose the last
+        # few batches, which for latency samples and history is the right trade
+        # for not waiting on fsync at every commit.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        # After a checkpoint, cut a WAL that grew while a reader held an old
+        # snapshot back to this size, so it does not keep the disk space.
+        conn.execute("PRAGMA journal_size_limit = 67108864")
+        db = Database(conn, recursive_triggers=False, execute_plugins=False)
+        if version < len(MIGRATIONS):
+            try:
+                migrate(db)
+            except sqlite3.Error as exc:
+                raise StoreError(
+                    f"migrating the state database {p} from schema version {version} to "
+                    f"{len(MIGRATIONS)} failed: {exc}. Each step runs in one transaction, so "
+                    f"the file stays at the last good version; free disk space or fix "
+                    f"permissions and start again."
+                ) from exc
+        return db
+    except BaseException:
+        conn.close()
+        raise
+
+
+# --------------------------------------------------------------------------
+# Reads
+
+
+def _decode_server(row: dict[str, Any]) -> dict[str, Any]:
+    for column in _SERVER_JSON_COLUMNS:
+        value = row.get(column)
+        if isinstance(value, str):
+            try:
+                row[column] = json.loads(value)
+            except ValueError:
+                pass  # hand-edited text: show it as it is rather than fail the read
+    if row.get("local") is not None:
+        row["local"] = bool(row["local"])
+    return row
+
+
+def _decode_sample(row: dict[str, Any]) -> dict[str, Any]:
+    if row.get("ok") is not None:
+        row["ok"] = bool(row["ok"])
+    return row
+
+
+class Store:
+    """Read side of the state database, for the API, the CLI and the tests.
+
+    Opening it checks the file, creates its directory and migrates it (so the
+    CLI on a fresh host sees the same schema as the daemon). Every read is one
+    query, fully fetched, hence one short read transaction that never holds up
+    the writer or a WAL checkpoint. Safe to call from any thread: the single
+    connection is guarded by a lock (reads are small; a pool would buy nothing).
+    Rows come back as dicts; ``ts`` stays ISO text (see :func:`parse_iso`).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._db = _open(path)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        """The ``user_version`` of the file (= :data:`SCHEMA_VERSION` once opened)."""
+        return int(self._query("PRAGMA user_version")[0]["user_version"])
+
+    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"the state database {self.path} was closed")
+            try:
+                cursor = self._db.conn.execute(sql, tuple(params))
+                names = [d[0] for d in cursor.description]
+                return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+            except sqlite3.Error as exc:
+                raise StoreError(f"reading the state database {self.path} failed: {exc}") from exc
+
+    def _recent(
+        self, table: str, server: str | None, limit: int, since: float | None
+    ) -> list[dict[str, Any]]:
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, not {limit}")
+        where, params = [], []
+        if server is not None:
+            where.append("server = ?")
+            params.append(server)
+        if since is not None:
+            where.append("ts >= ?")
+            params.append(iso_utc(since))
+        sql = f"SELECT * FROM {table}"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY ts DESC, id DESC LIMIT ?"
+        params.append(int(limit))
+        return self._query(sql, params)
+
+    def servers(self) -> list[dict[str, Any]]:
+        """All server rows by name; JSON columns decoded to lists, ``local`` a bool."""
+        return [_decode_server(r) for r in self._query("SELECT * FROM servers ORDER BY name")]
+
+    def latency_samples(
+        self, server: str | None = None, limit: int = 100, since: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Samples newest first, optionally of one server and at or after ``since``
+        (Unix time); ``ok`` is a bool."""
+        return [_decode_sample(r) for r in self._recent("latency_samples", server, limit, since)]
+
+    def restarts(
+        self, server: str | None = None, limit: int = 100, since: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Restart history newest first (``modelserverd history``, ``/v1/restarts``)."""
+        return self._recent("restarts", server, limit, since)
+
+    def events(
+        self, server: str | None = None, limit: int = 100, since: float | None = None
+    ) -> list[dict[str, Any]]:
+        """State changes and daemon events newest first."""
+        return self._recent("events", server, limit, since)
+
+    def count_restarts_since(self, since: float) -> dict[str, int]:
+        """Restarts per server at or after ``since`` (Unix time): the ``restarts``
+        field of a server object and the restart metrics come from this."""
+        rows = self._query(
+            "SELECT server, count(*) AS n FROM restarts WHERE ts >= ? GROUP BY server",
+            [iso_utc(since)],
+        )
+        return {r["server"]: int(r["n"]) for r in rows}
+
+    def close(self) -> None:
+        """Close the connection; later reads raise :class:`StoreError`."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._db.close()
+
+
+# --------------------------------------------------------------------------
+# The writer
+
+_INSERT_SAMPLE = (
+    "INSERT INTO latency_samples (ts, server, source, ok, latency_s, ttft_s, prompt_tokens, "
+    "completion_tokens, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_EVENT = (
+    "INSERT INTO events (ts, server, kind, old_state, new_state, message) VALUES (?, ?, ?, ?, ?, ?)"
+)
+_INSERT_RESTART = (
+    "INSERT INTO restarts (ts, server, reason, attempt, backoff_s, old_pid, new_pid, "
+    "exit_code, signal, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# The newest restart row of the server, and only while its new pid is unknown:
+# a launch that follows no restart (first start) must not claim an old row.
+_SET_RESTART_NEW_PID = (
+    "UPDATE restarts SET new_pid = ? WHERE id = "
+    "(SELECT max(id) FROM restarts WHERE server = ?) AND new_pid IS NULL"
+)
+_DELETE_SERVER = "DELETE FROM servers WHERE name = ?"
+_DELETE_OLD_SAMPLES = (
+    "DELETE FROM latency_samples WHERE id IN "
+    "(SELECT id FROM latency_samples WHERE ts < ? ORDER BY ts LIMIT ?)"
+)
+# Queue marker of a retention delete: it runs as many transactions, not in a batch.
+_DELETE_OP = "delete-old-samples"
+
+# Errors that no retry can fix: the row itself is bad (a CHECK failed, a value
+# SQLite cannot store). Everything else from SQLite (disk full, locked, I/O
+# error) is treated as passing and retried.
+_BAD_ROW_ERRORS = (
+    sqlite3.IntegrityError,
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    sqlite3.DataError,
+    TypeError,
+    ValueError,
+    OverflowError,
+)
+
+_ABANDONED = object()  # what _retrying returns when close() stopped waiting
+_RETRY_FIRST_S = 0.05
+_RETRY_MAX_S = 2.0
+_ERROR_LOG_EVERY_S = 60.0
+
+
+def _ts(ts: float | None) -> str:
+    return iso_utc(time.time() if ts is None else ts)
+
+
+def _server_value(column: str, value: Any) -> Any:
+    if column in _SERVER_JSON_COLUMNS and isinstance(value, (list, tuple)):
+        return json.dumps(list(value))
+    if column in _SERVER_TIME_COLUMNS and isinstance(value, (int, float)):
+        return iso_utc(float(value))
+    if column == "local" and isinstance(value, bool):
+        return int(value)
+    return value
+
+
+class StoreWriter:
+    """One background thread owns the write connection; callers never wait on disk.
+
+    ``add_*``, ``upsert_server`` and the rest only append to an in-memory queue
+    (a lock held for microseconds) and return; the thread takes up to
+    ``max_batch`` queued rows at a time and commits them in one transaction with
+    prepared ``executemany`` inserts. A batch is written once ``max_batch`` rows
+    are waiting, ``flush_interval_s`` after the first of them, or at once when
+    someone waits in :meth:`flush` or :meth:`close`. Order is kept: rows are
+    written in the order they were queued.
+
+    When a write fails for a reason that may pass (disk full, database locked
+    for longer than ``busy_timeout_s``, I/O error) the batch is kept and retried
+    with a growing pause (up to 2 s); :attr:`error` holds the message and the
+    failure is logged, until a write succeeds again. A row SQLite rejects for
+    itself (a value it cannot store) is dropped alone, logged, counted in
+    :attr:`dropped` and reported in :attr:`error`; the rest of its batch is kept.
+
+    Memory is bounded: past ``max_pending`` queued rows (the disk has been
+    failing for a long time), new latency samples are dropped and counted;
+    events, restarts and server rows are always kept.
+
+    Restarts: the row is written when the restart is decided (with the reason,
+    attempt, backoff and the old process' exit), because the new process may not
+    exist for a long time (backoff, waiting for GPUs) or ever (fatal), and the
+    history must show the restart meanwhile. When the relaunch happens the
+    supervisor calls :meth:`set_restart_new_pid`, which fills ``new_pid`` into
+    that server's newest restart row. Queue order guarantees the update lands
+    after the insert.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        flush_interval_s: float = 0.05,
+        max_batch: int = 2000,
+        max_pending: int = 1_000_000,
+        busy_timeout_s: float = BUSY_TIMEOUT_S,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.path = str(path)
+        self._db = _open(path, busy_timeout_s)
+        self._conn = self._db.conn
+        self._flush_interval_s = max(0.0, float(flush_interval_s))
+        self._max_batch = int(max_batch)
+        self._max_pending = int(max_pending)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)  # the writer waits here
+        self._done = threading.Condition(self._lock)  # flush() waits here
+        self._queue: deque[tuple[str, Any]] = deque()
+        self._accepted = 0  # rows queued so far
+        self._written = 0  # rows handled so far (written, or dropped as bad)
+        self._flushers = 0
+        self._closing = False
+        self._abandon = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: str | None = None
+        self._dropped = 0
+        self._overflow_logged_at = 0.0
+
+    # -- queueing --------------------------------------------------------
+
+    def _put(self, sql: str, params: Any, droppable: bool = False) -> None:
+        with self._lock:
+            if self._closing:
+                raise StoreError(f"the state database writer for {self.path} is closed")
+            if droppable and len(self._queue) >= self._max_pending:
+                self._dropped += 1
+                now = time.monotonic()
+                if now - self._overflow_logged_at > _ERROR_LOG_EVERY_S:
+                    self._overflow_logged_at = now
+                    log.error(
+                        "state database %s: %d rows waiting (last error: %s); dropping new "
+                        "latency samples until writes succeed (%d dropped so far)",
+                        self.path,
+                        len(self._queue),
+                        self._error,
+                        self._dropped,
+                    )
+                return
+            self._queue.append((sql, params))
+            self._accepted += 1
+            n = len(self._queue)
+            # Wake the writer on the first row (it starts its batching clock) and
+            # when a full batch is waiting; in between it is busy or on its clock.
+            if n == 1 or n == self._max_batch:
+                self._wake.notify()
+
+    def add_sample(
+        self,
+        *,
+        server: str,
+        source: str,
+        ok: bool,
+        latency_s: float | None,
+        ttft_s: float | None = None,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        error: str | None = None,
+        ts: float | None = None,
+    ) -> None:
+        """Queue one latency sample; ``source`` is ``"probe"`` or ``"client"``."""
+        if source not in SOURCES:
+            raise ValueError(f"sample source must be one of {SOURCES}, not {source!r}")
+        self._put(
+            _INSERT_SAMPLE,
+            (
+                _ts(ts),
+                server,
+                source,
+                1 if ok else 0,
+                latency_s,
+                ttft_s,
+                prompt_tokens,
+                completion_tokens,
+                error,
+            ),
+            droppable=True,
+        )
+
+    def add_event(
+        self,
+        *,
+        server: str | None,
+        kind: str,
+        old_state: str | None = None,
+        new_state: str | None = None,
+        message: str | None = None,
+        ts: float | None = None,
+    ) -> None:
+        """Queue one event (a state change, or with ``server=None`` a daemon event)."""
+        self._put(_INSERT_EVENT, (_ts(ts), server, kind, old_state, new_state, message))
+
+    def add_restart(
+        self,
+        *,
+        server: str,
+        reason: str,
+        attempt: int,
+        backoff_s: float | None,
+        old_pid: int | None,
+        new_pid: int | None = None,
+        exit_code: int | None = None,
+        signal: int | None = None,
+        message: str | None = None,
+        ts: float | None = None,
+    ) -> None:
+        """Queue one restart row; ``reason`` is one of ``states.RESTART_REASONS``.
+
+        Returns nothing: the row is written later, so its id is not known here.
+        Pass ``new_pid`` if the new process already exists, else fill it in with
+        :meth:`set_restart_new_pid` once it does.
+        """
+        if reason not in states.RESTART_REASONS:
+            raise ValueError(
+                f"restart reason must be one of {states.RESTART_REASONS}, not {reason!r}"
+            )
+        self._put(
+            _INSERT_RESTART,
+            (
+                _ts(ts),
+                server,
+                reason,
+                attempt,
+                backoff_s,
+                old_pid,
+                new_pid,
+                exit_code,
+                signal,
+                message,
+            ),
+        )
+
+    def set_restart_new_pid(self, *, server: str, new_pid: int) -> None:
+        """Record the pid of the process launched for ``server``'s newest restart.
+
+        Changes nothing if that restart row already has a new pid (so calling it
+        for every launch, first starts included, is harmless).
+        """
+        self._put(_SET_RESTART_NEW_PID, (new_pid, server))
+
+    def upsert_server(self, row: dict[str, Any]) -> None:
+        """Insert or update the row of server ``row["name"]``.
+
+        Only the columns given are changed, so the supervisor can update ``state``
+        and ``pid`` without restating the config. Lists (``gpus``, ``cmdline``,
+        ``descendants``) are stored as JSON, Unix times in ``started_at`` /
+        ``updated_at`` as ISO text; ``updated_at`` defaults to now. Unknown
+        columns raise ``ValueError`` at once, in the caller.
+        """
+        if not row.get("name"):
+            raise ValueError("a server row needs a name")
+        unknown = sorted(set(row) - set(SERVER_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown server columns: {', '.join(unknown)}")
+        values = {c: _server_value(c, v) for c, v in row.items()}
+        values.setdefault("updated_at", iso_utc())
+        columns = [c for c in SERVER_COLUMNS if c in values]
+        updates = [c for c in columns if c != "name"]
+        sql = (
+            f"INSERT INTO servers ({', '.join(columns)}) "
+            f"VALUES ({', '.join('?' for _ in columns)}) ON CONFLICT(name) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in updates)
+        )
+        self._put(sql, tuple(values[c] for c in columns))
+
+    def delete_server(self, name: str) -> None:
+        """Forget a server (removed from the config); its history rows stay."""
+        self._put(_DELETE_SERVER, (name,))
+
+    def delete_samples_older_than(self, cutoff: float, batch: int = 500) -> None:
+        """Queue the retention delete of samples with ``ts`` before ``cutoff``.
+
+        It runs as many transactions of at most ``batch`` rows each, so the write
+        lock is never held long (another writer, such as an operator's
+        ``sqlite3`` session, gets its turn in between) and the WAL stays small.
+        Restarts and events are kept for good.
+        """
+        if batch < 1:
+            raise ValueError("batch must be >= 1")
+        self._put(_DELETE_OP, (iso_utc(cutoff), int(batch)))
+
+    # -- waiting and state -----------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Rows accepted but not yet on disk."""
+        with self._lock:
+            return self._accepted - self._written
+
+    @property
+    def error(self) -> str | None:
+        """The last write error while it lasts (cleared when a write succeeds again),
+        or the last row dropped as bad; ``None`` when all is well."""
+        return self._error
+
+    @property
+    def dropped(self) -> int:
+        """Rows not written: samples refused while the queue was full, and rows
+        SQLite rejected. Each drop is logged."""
+        with self._lock:
+            return self._dropped
+
+    def start(self) -> None:
+        """Start the writer thread (rows queued before this are kept)."""
+        with self._lock:
+            if self._closing:
+                raise StoreError(f"the state database writer for {self.path} is closed")
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+            self._thread.start()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every row queued before this call is on disk.
+
+        Returns ``False`` if that did not happen within ``timeout`` seconds (the
+        disk is failing: see :attr:`error`) or the writer is not running.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            target = self._accepted
+            if self._written >= target:
+                return True
+            thread = self._thread
+            if thread is None or not thread.is_alive():
+                return False
+            self._flushers += 1
+            self._wake.notify()
+            try:
+                while self._written < target:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not thread.is_alive():
+                        return False
+                    self._done.wait(remaining)
+                return True
+            finally:
+                self._flushers -= 1
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write everything queued, stop the thread, close the file.
+
+        New rows are refused from the moment this is called. If the writes still
+        fail after ``timeout`` seconds (disk full), the rows left are given up
+        with an error in the log saying how many; otherwise nothing is lost.
+        """
+        with self._lock:
+            if self._closing and self._thread is None:
+                return
+            self._closing = True
+            thread = self._thread
+            self._wake.notify()
+        if thread is None and self.pending:
+            # Never started: write what was queued, then stop.
+            thread = threading.Thread(target=self._run, name="store-writer")
+            thread.start()
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                self._abandon.set()
+                with self._lock:
+                    self._wake.notify()
+                thread.join(5.0)
+            if self.pending:
+                log.error(
+                    "state database %s: %d rows could not be written before closing (%s)",
+                    self.path,
+                    self.pending,
+                    self._error,
+                )
+        with self._lock:
+            self._thread = None
+        if thread is None or not thread.is_alive():
+            try:
+                # Fold the WAL back into the file so it is complete on its own;
+                # PASSIVE never waits for a reader (an operator's `sqlite3`).
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error:
+                pass
+            self._db.close()
+
+    def __enter__(self) -> StoreWriter:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the thread ------------------------------------------------------
+
+    def _take(self) -> list[tuple[str, Any]] | None:
+        """Wait for work and take the next batch; ``None`` means stop."""
+        with self._lock:
+            while not self._queue:
+                if self._closing or self._abandon.is_set():
+                    return None
+                self._wake.wait()
+            deadline = time.monotonic() + self._flush_interval_s
+            while (
+                len(self._queue) < self._max_batch
+                and not self._flushers
+                and not self._closing
+                and not self._abandon.is_set()
+            ):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wake.wait(remaining)
+            if self._queue[0][0] is _DELETE_OP:
+                return [self._queue.popleft()]
+            batch = []
+            while self._queue and len(batch) < self._max_batch:
+                if self._queue[0][0] is _DELETE_OP:
+                    break
+                batch.append(self._queue.popleft())
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            if batch[0][0] is _DELETE_OP:
+                done = self._delete_old(*batch[0][1])
+            else:
+                done = self._retrying(lambda b=batch: self._write_batch(b)) is not _ABANDONED
+            if not done:  # close() gave up on a failing disk; the rows stay pending
+                return
+            with self._lock:
+                self._written += len(batch)
+                self._done.notify_all()
+
+    def _retrying(self, attempt: Callable[[], Any]) -> Any:
+        """Run ``attempt`` until it succeeds and return its result, or
+        ``_ABANDONED`` if close() gave up first."""
+        delay = _RETRY_FIRST_S
+        failures = 0
+        logged_at = 0.0
+        while True:
+            try:
+                result = attempt()
+            except Exception as exc:  # the writer must outlive any error
+                failures += 1
+                message = f"writing to {self.path} failed: {type(exc).__name__}: {exc}"
+                now = time.monotonic()
+                if message != self._error or now - logged_at > _ERROR_LOG_EVERY_S:
+                    log.warning("%s; retrying (rows are kept)", message)
+                    logged_at = now
+                self._error = message
+                if self._abandon.wait(delay):
+                    return _ABANDONED
+                delay = min(delay * 2, _RETRY_MAX_S)
+                continue
+            if failures:
+                log.warning(
+                    "state database %s: writes succeed again after %d failures",
+                    self.path,
+                    failures,
+                )
+                self._error = None
+            return result
+
+    def _write_batch(self, batch: list[tuple[str, Any]]) -> None:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            try:
+                for sql, group in itertools.groupby(batch, key=lambda item: item[0]):
+                    conn.executemany(sql, [params for _, params in group])
+            except _BAD_ROW_ERRORS:
+                # Some row is bad; find it without giving up the others.
+                conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                self._write_rows_one_by_one(batch)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _write_rows_one_by_one(self, batch: list[tuple[str, Any]]) -> None:
+        conn = self._conn
+        for sql, params in batch:
+            conn.execute("SAVEPOINT row")
+            try:
+                conn.execute(sql, params)
+            except _BAD_ROW_ERRORS as exc:
+                conn.execute("ROLLBACK TO row")
+                with self._lock:
+                    self._dropped += 1
+                self._error = f"dropped a row SQLite refused ({type(exc).__name__}: {exc})"
+                log.error(
+                    "state database %s: dropped a row SQLite refused: %s: %s; row: %.300r",
+                    self.path,
+                    type(exc).__name__,
+                    exc,
+                    params,
+                )
+            conn.execute("RELEASE row")
+
+    def _delete_old_batch(self, cutoff_iso: str, batch: int) -> int:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            count = conn.execute(_DELETE_OLD_SAMPLES, (cutoff_iso, batch)).rowcount
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return count
+
+    def _delete_old(self, cutoff_iso: str, batch: int) -> bool:
+        """Delete old samples, ``batch`` rows per transaction, until none are left;
+        ``False`` if close() gave up first."""
+        deleted = 0
+        while True:
+            count = self._retrying(lambda: self._delete_old_batch(cutoff_iso, batch))
+            if count is _ABANDONED:
+                return False
+            deleted += count
+            if count < batch:
+                if deleted:
+                    log.info(
+                        "state database %s: deleted %d latency samples older than %s",
+                        self.path,
+                        deleted,
+                        cutoff_iso,
+                    )
+                return True
