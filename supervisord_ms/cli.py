@@ -23,6 +23,7 @@ from .config import Config, ConfigError, load_config
 from .errors import ModelServerdError
 
 EXIT_CONFIG = 4
+EXIT_RUN_CONFIG = 78  # EX_CONFIG: the unit's RestartPreventExitStatus, no restart loop
 EXIT_UNREACHABLE = 3
 
 config_option = click.option(
@@ -35,7 +36,7 @@ config_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
 
 
-def _load(config_path: str | None, *, local: bool = False) -> Config:
+def _load(config_path: str | None, *, local: bool = False, exit_code: int = EXIT_CONFIG) -> Config:
     try:
         if local:
             from .daemon import load_daemon_config
@@ -48,7 +49,7 @@ def _load(config_path: str | None, *, local: bool = False) -> Config:
             err=True,
         )
         click.echo(str(exc), err=True)
-        sys.exit(EXIT_CONFIG)
+        sys.exit(exit_code)
 
 
 def _api(config: Config, method: str, path: str, body: Any = None) -> Any:
@@ -159,7 +160,7 @@ def run(config_path: str | None, log_level: str) -> None:
     from .logsetup import setup_logging
 
     setup_logging(getattr(logging, log_level.upper()))
-    config = _load(config_path, local=True)
+    config = _load(config_path, local=True, exit_code=EXIT_RUN_CONFIG)
     from .api import SocketInUse
     from .daemon import Daemon
 

@@ -483,6 +483,7 @@ class ServerSupervisor:
             initial_s=cfg.backoff_initial_s,
             max_s=cfg.backoff_max_s,
             rand=self.ctx.rand.random(),
+            name=self.name,
         )
         if decision.action == "fatal":
             self.pending = None
