@@ -69,9 +69,10 @@ def build_launch(server: ServerConfig, sglang: SglangConfig, nccl_port: int) -> 
         *sglang.extra_args,
         *server.extra_args,
     ]
-    env = {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in server.gpus)}
-    env.update(sglang.env)
+    env = dict(sglang.env)
     env.update(server.env)
+    # Set last: the daemon tracks the GPUs of `gpus`, so no env entry may move the server.
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in server.gpus)
     return LaunchSpec(argv=tuple(argv), env=env)
 
 
