@@ -50,8 +50,9 @@ def _table(name: str, values: dict[str, Any]) -> list[str]:
     return [f"[{name}]", *(f"{k} = {_toml_value(v)}" for k, v in values.items()), ""]
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, message: str,
-               interval: float = 0.05) -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, message: str, interval: float = 0.05
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -88,9 +89,19 @@ class DaemonUnderTest:
     def start(self, *, wait: bool = True, env: dict | None = None) -> DaemonUnderTest:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisord_ms.cli", "run", "--config",
-             str(self.config_path), "--log-level", "debug"],
-            stdout=log, stderr=subprocess.STDOUT, env=env or dict(os.environ),
+            [
+                sys.executable,
+                "-m",
+                "supervisord_ms.cli",
+                "run",
+                "--config",
+                str(self.config_path),
+                "--log-level",
+                "debug",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env or dict(os.environ),
         )
         log.close()
         if wait:
@@ -163,9 +174,9 @@ class DaemonUnderTest:
             with contextlib.suppress(psutil.Error):
                 if proc.info["status"] == psutil.STATUS_ZOMBIE:
                     continue
-                if any(me in part for part in proc.info["cmdline"] or []):
-                    if self.proc is None or proc.pid != self.proc.pid:
-                        found.append(proc)
+                ours = any(me in part for part in proc.info["cmdline"] or [])
+                if ours and (self.proc is None or proc.pid != self.proc.pid):
+                    found.append(proc)
         return found
 
 
@@ -180,20 +191,31 @@ def make_daemon(
 ) -> DaemonUnderTest:
     directory.mkdir(parents=True, exist_ok=True)
     write_file_gpu_view(str(directory / "gpus.json"), gpus)
-    lines = _table("daemon", {
-        "socket": str(directory / "api.sock"),
-        "state_db": str(directory / "state.db"),
-        "log_dir": str(directory / "logs"),
-        "gpu_backend": "file:" + str(directory / "gpus.json"),
-        **FAST_DAEMON, **(daemon or {}),
-    })
+    lines = _table(
+        "daemon",
+        {
+            "socket": str(directory / "api.sock"),
+            "state_db": str(directory / "state.db"),
+            "log_dir": str(directory / "logs"),
+            "gpu_backend": "file:" + str(directory / "gpus.json"),
+            **FAST_DAEMON,
+            **(daemon or {}),
+        },
+    )
     lines += _table("restart", {**FAST_RESTART, **(restart or {})})
-    lines += _table("sglang", {
-        "python": sys.executable,
-        "module": "supervisord_ms.sim",
-        "extra_args": [*SIM_ARGS, "--sim-gpu-file", str(directory / "gpus.json"),
-                       *(sim_args or [])],
-    })
+    lines += _table(
+        "sglang",
+        {
+            "python": sys.executable,
+            "module": "supervisord_ms.sim",
+            "extra_args": [
+                *SIM_ARGS,
+                "--sim-gpu-file",
+                str(directory / "gpus.json"),
+                *(sim_args or []),
+            ],
+        },
+    )
     model = directory / "model"
     model.mkdir(exist_ok=True)
     for server in servers:

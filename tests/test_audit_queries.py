@@ -37,10 +37,13 @@ def test_readme_has_the_four_audit_queries():
 def faulty_run_db(tmp_path_factory):
     from daemon_harness import make_daemon
 
-    d = make_daemon(tmp_path_factory.mktemp("audit"), [
-        {"name": "sim-8b-a", "port": free_port(), "gpus": [0]},
-        {"name": "sim-8b-b", "port": free_port(), "gpus": [1]},
-    ])
+    d = make_daemon(
+        tmp_path_factory.mktemp("audit"),
+        [
+            {"name": "sim-8b-a", "port": free_port(), "gpus": [0]},
+            {"name": "sim-8b-b", "port": free_port(), "gpus": [1]},
+        ],
+    )
     d.start()
     try:
         d.wait_all_ready()
@@ -49,14 +52,20 @@ def faulty_run_db(tmp_path_factory):
         wait_until(lambda: d.server("sim-8b-a")["pid"] not in (None, pid), 15, "relaunch")
         d.wait_state("sim-8b-a", "ready")
         port_b = d.server("sim-8b-b")["port"]
-        req = urllib.request.Request(f"http://127.0.0.1:{port_b}/sim/fault",
-                                     data=json.dumps({"mode": "hang"}).encode(), method="POST")
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port_b}/sim/fault",
+            data=json.dumps({"mode": "hang"}).encode(),
+            method="POST",
+        )
         urllib.request.urlopen(req, timeout=5).read()
         pid_b = d.server("sim-8b-b")["pid"]
         wait_until(lambda: d.server("sim-8b-b")["pid"] not in (None, pid_b), 15, "hang relaunch")
         d.wait_state("sim-8b-b", "ready")
-        wait_until(lambda: d.query("select count(*) from latency_samples")[0][0] >= 6, 15,
-                   "latency samples")
+        wait_until(
+            lambda: d.query("select count(*) from latency_samples")[0][0] >= 6,
+            15,
+            "latency samples",
+        )
     finally:
         d.stop()
         for p in d.leftover_processes():
@@ -67,8 +76,9 @@ def faulty_run_db(tmp_path_factory):
 def _sqlite3(db: str, sql: str) -> list[list[str]]:
     exe = shutil.which("sqlite3")
     assert exe, "the sqlite3 program is missing: run `make system-deps`"
-    out = subprocess.run([exe, "-bail", "-separator", "|", db, sql], capture_output=True,
-                         text=True, timeout=30)
+    out = subprocess.run(
+        [exe, "-bail", "-separator", "|", db, sql], capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 0, out.stderr
     assert "database is locked" not in out.stderr
     return [line.split("|") for line in out.stdout.splitlines() if line]

@@ -23,8 +23,10 @@ from supervisord_ms.gpus import FileGpuView, file_gpu_register
 def _fault(port: int, mode: str, **extra) -> None:
     body = json.dumps({"mode": mode, **extra}).encode()
     req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/sim/fault", data=body,
-        headers={"Content-Type": "application/json"}, method="POST",
+        f"http://127.0.0.1:{port}/sim/fault",
+        data=body,
+        headers={"Content-Type": "application/json"},
+        method="POST",
     )
     urllib.request.urlopen(req, timeout=5).read()
 
@@ -32,7 +34,8 @@ def _fault(port: int, mode: str, **extra) -> None:
 def _restarts(d, name):
     return d.query(
         "select reason, signal, exit_code, backoff_s, old_pid, new_pid from restarts "
-        "where server = ? order by id", name,
+        "where server = ? order by id",
+        name,
     )
 
 
@@ -62,11 +65,14 @@ def test_launch_waits_for_gpu_held_by_foreign_process(daemon_factory):
 
 def test_foreign_process_on_port_gives_port_busy_and_is_left_alone(daemon_factory):
     port = free_port()
-    foreign = subprocess.Popen([
-        sys.executable, "-c",
-        "import socket, time\n"
-        f"s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(120)",
-    ])
+    foreign = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import socket, time\n"
+            f"s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(120)",
+        ]
+    )
     try:
         wait_until(lambda: _listening(port), 10, "foreign listener")
         d = daemon_factory([{"name": "a", "port": port, "gpus": [0]}]).start()
@@ -113,8 +119,7 @@ def test_hang_is_detected_and_restarted_with_reason_hang(daemon_factory):
 
 def test_crash_loop_backs_off_then_goes_fatal(daemon_factory):
     d = daemon_factory(
-        [{"name": "a", "port": free_port(), "gpus": [0],
-          "extra_args": ["--sim-crash-after", "0"]}],
+        [{"name": "a", "port": free_port(), "gpus": [0], "extra_args": ["--sim-crash-after", "0"]}],
         restart={"max_failures": 4, "backoff_initial_s": 0.2, "backoff_max_s": 5.0},
     ).start()
     s = d.wait_state("a", "fatal", 30)
@@ -130,8 +135,7 @@ def test_crash_loop_backs_off_then_goes_fatal(daemon_factory):
 
 def test_never_ready_hits_startup_timeout(daemon_factory):
     d = daemon_factory(
-        [{"name": "a", "port": free_port(), "gpus": [0],
-          "extra_args": ["--sim-startup-s", "60"]}],
+        [{"name": "a", "port": free_port(), "gpus": [0], "extra_args": ["--sim-startup-s", "60"]}],
         daemon={"startup_timeout_s": 1.0},
     ).start()
     wait_until(lambda: _restarts(d, "a"), 15, "a restart row")
@@ -139,15 +143,31 @@ def test_never_ready_hits_startup_timeout(daemon_factory):
 
 
 def test_orphaned_children_are_killed_and_gpu_memory_released(daemon_factory):
-    d = daemon_factory([{
-        "name": "a", "port": free_port(), "gpus": [0],
-        "extra_args": ["--sim-children", "2", "--sim-children-survive",
-                       "--sim-children-leave-group"],
-    }]).start()
+    d = daemon_factory(
+        [
+            {
+                "name": "a",
+                "port": free_port(),
+                "gpus": [0],
+                "extra_args": [
+                    "--sim-children",
+                    "2",
+                    "--sim-children-survive",
+                    "--sim-children-leave-group",
+                ],
+            }
+        ]
+    ).start()
     old = d.wait_state("a", "ready")["pid"]
-    children = wait_until(lambda: [c.pid for c in psutil.Process(old).children()]
-                          if len(psutil.Process(old).children()) >= 2 else None,
-                          10, "two children")
+    children = wait_until(
+        lambda: (
+            [c.pid for c in psutil.Process(old).children()]
+            if len(psutil.Process(old).children()) >= 2
+            else None
+        ),
+        10,
+        "two children",
+    )
     time.sleep(0.8)  # a health round records them
     os.kill(old, signal.SIGKILL)
     wait_until(lambda: d.server("a")["pid"] not in (None, old), 20, "relaunch")
@@ -160,8 +180,12 @@ def test_orphaned_children_are_killed_and_gpu_memory_released(daemon_factory):
 
 
 def test_daemon_sigkill_then_restart_adopts_servers(daemon_factory):
-    d = daemon_factory([{"name": "a", "port": free_port(), "gpus": [0]},
-                        {"name": "b", "port": free_port(), "gpus": [1]}]).start()
+    d = daemon_factory(
+        [
+            {"name": "a", "port": free_port(), "gpus": [0]},
+            {"name": "b", "port": free_port(), "gpus": [1]},
+        ]
+    ).start()
     d.wait_all_ready()
     pids = {n: d.server(n)["pid"] for n in ("a", "b")}
     d.kill()
@@ -176,10 +200,17 @@ def test_daemon_sigkill_then_restart_adopts_servers(daemon_factory):
 
 
 def test_daemon_sigterm_leaves_no_process(daemon_factory):
-    d = daemon_factory([{
-        "name": "a", "port": free_port(), "gpus": [0],
-        "extra_args": ["--sim-children", "1", "--sim-ignore-sigterm"],
-    }, {"name": "b", "port": free_port(), "gpus": [1]}]).start()
+    d = daemon_factory(
+        [
+            {
+                "name": "a",
+                "port": free_port(),
+                "gpus": [0],
+                "extra_args": ["--sim-children", "1", "--sim-ignore-sigterm"],
+            },
+            {"name": "b", "port": free_port(), "gpus": [1]},
+        ]
+    ).start()
     d.wait_all_ready()
     assert d.stop() == 0
     left = d.leftover_processes()
@@ -189,12 +220,14 @@ def test_daemon_sigterm_leaves_no_process(daemon_factory):
 
 def test_sighup_restarts_only_the_changed_server(daemon_factory):
     pa, pb = free_port(), free_port()
-    d = daemon_factory([{"name": "a", "port": pa, "gpus": [0]},
-                        {"name": "b", "port": pb, "gpus": [1]}]).start()
+    d = daemon_factory(
+        [{"name": "a", "port": pa, "gpus": [0]}, {"name": "b", "port": pb, "gpus": [1]}]
+    ).start()
     d.wait_all_ready()
     pids = {n: d.server(n)["pid"] for n in ("a", "b")}
     text = d.config_path.read_text().replace(
-        f"port = {pb}\n", f'port = {pb}\nextra_args = ["--sim-ttft-s", "0.01"]\n')
+        f"port = {pb}\n", f'port = {pb}\nextra_args = ["--sim-ttft-s", "0.01"]\n'
+    )
     d.config_path.write_text(text)
     d.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: d.server("b")["pid"] not in (None, pids["b"]), 15, "b relaunched")
