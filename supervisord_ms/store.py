@@ -251,9 +251,10 @@ def m002_server_adoption(db: Database) -> None:
     reused, so a pid alone proves nothing, and the daemon must never signal a
     process it did not start. ``proc_create_time`` (psutil's ``create_time()``
     of the pid) and ``cmdline`` (JSON list) identify the process exactly.
-    ``descendants`` (JSON list of pids last seen in its process tree) lets a
-    stop also reach scheduler children that left the process group, which
-    would otherwise hold GPU memory for good.
+    ``descendants`` (JSON list of the processes last seen in its tree; the
+    supervisor stores ``[pid, create_time]`` pairs, so a reused pid is not
+    taken for one of them) lets a stop also reach scheduler children that left
+    the process group, which would otherwise hold GPU memory for good.
 
     Added one column at a time and only if missing, so a database where a
     column was added by hand still migrates.
@@ -378,41 +379,52 @@ def _check_location(path: Path) -> None:
 def _check_contents(conn: sqlite3.Connection, path: Path) -> int:
     """Read-only checks of an existing file; returns its schema version.
 
-    Nothing here writes, so a refused file stays byte-for-byte as it was.
+    Nothing here writes, so a refused file stays byte-for-byte as it was. One
+    read transaction, so another process migrating the file at this moment is
+    seen either before or after, never halfway (version 0 but tables present).
     """
     try:
-        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        if version > len(MIGRATIONS):
-            raise StoreError(
-                f"the state database {path} has schema version {version}, but this "
-                f"modelserverd knows versions up to {len(MIGRATIONS)}: it was written by a "
-                f"newer modelserverd; upgrade modelserverd. The file was left untouched."
-            )
-        problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)").fetchall()]
-        if problems != ["ok"]:
-            detail = "; ".join(problems).replace("\n", "; ")
-            raise StoreError(
-                f"the state database {path} is corrupt (PRAGMA quick_check: {detail}). "
-                + _untouched(path)
-            )
-        if version == 0:
-            tables = [
-                row[0]
-                for row in conn.execute(
-                    "SELECT name FROM sqlite_master WHERE type = 'table' "
-                    "AND name NOT LIKE 'sqlite_%' ORDER BY name"
-                )
-            ]
-            if tables:
-                raise StoreError(
-                    f"{path} is a SQLite database of another program (schema version 0, "
-                    f"tables: {', '.join(tables)}), not a modelserverd state database. "
-                    + _untouched(path)
-                )
+        conn.execute("BEGIN")
+        try:
+            return _check_snapshot(conn, path)
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
     except sqlite3.DatabaseError as exc:
         raise StoreError(
             f"{path} is not a SQLite database or is corrupt ({exc}). " + _untouched(path)
         ) from exc
+
+
+def _check_snapshot(conn: sqlite3.Connection, path: Path) -> int:
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version > len(MIGRATIONS):
+        raise StoreError(
+            f"the state database {path} has schema version {version}, but this "
+            f"modelserverd knows versions up to {len(MIGRATIONS)}: it was written by a "
+            f"newer modelserverd; upgrade modelserverd. The file was left untouched."
+        )
+    problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)").fetchall()]
+    if problems != ["ok"]:
+        detail = "; ".join(problems).replace("\n", "; ")
+        raise StoreError(
+            f"the state database {path} is corrupt (PRAGMA quick_check: {detail}). "
+            + _untouched(path)
+        )
+    if version == 0:
+        tables = [
+            row[0]
+            for row in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' "
+                "AND name NOT LIKE 'sqlite_%' ORDER BY name"
+            )
+        ]
+        if tables:
+            raise StoreError(
+                f"{path} is a SQLite database of another program (schema version 0, "
+                f"tables: {', '.join(tables)}), not a modelserverd state database. "
+                + _untouched(path)
+            )
     return version
 
 
