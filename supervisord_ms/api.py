@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -105,6 +106,7 @@ class ApiContext:
 
 
 CTX_KEY: web.AppKey[ApiContext] = web.AppKey("modelserverd_ctx", ApiContext)
+TIMEOUT_KEY: web.AppKey[float] = web.AppKey("modelserverd_request_timeout_s", float)
 
 
 # --- errors -------------------------------------------------------------------------
@@ -139,8 +141,8 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 def _error(status: int, code: str, message: str, **extra: Any) -> web.Response:
     resp = _json({"error": {"code": code, "message": message, **extra}}, status)
-    if status == 413:
-        # The unread body may be huge: do not keep the connection for another request.
+    if status in (408, 413):
+        # The unread body may be huge or never come: do not keep the connection.
         resp.force_close()
     return resp
 
@@ -177,7 +179,7 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.St
             f"request body is over {MAX_BODY_BYTES} bytes; send fewer samples per request",
         )
     if status < 400:
-        return exc  # a redirect or the like: pass it through unchanged
+        raise exc  # a redirect or the like: passed through unchanged
     code = _HTTP_CODES.get(status, "http_error")
     return _error(status, code, exc.reason or "request refused")
 
@@ -264,13 +266,14 @@ async def _known_server_or_history(ctx: ApiContext, name: str) -> None:
 
 
 async def _read_body(request: web.Request) -> bytes:
+    timeout_s = request.app.get(TIMEOUT_KEY, REQUEST_TIMEOUT_S)
     try:
-        return await asyncio.wait_for(request.read(), REQUEST_TIMEOUT_S)
+        return await asyncio.wait_for(request.read(), timeout_s)
     except asyncio.TimeoutError:
         raise ApiError(
             408,
             "request_timeout",
-            f"the request body did not arrive within {REQUEST_TIMEOUT_S:.0f} s",
+            f"the request body did not arrive within {timeout_s:g} s; send it whole",
         ) from None
 
 
@@ -318,7 +321,10 @@ def _validate_sample(index: int, item: Any, known: Mapping[str, ServerRecord]) -
     where = f"samples[{index}]"
 
     def bad(field: str, got: Any, expected: str) -> ApiError:
-        shown = json.dumps(got)[:80] if _is_jsonable(got) else repr(got)[:80]
+        try:
+            shown = json.dumps(got)[:80]
+        except (TypeError, ValueError, RecursionError):
+            shown = repr(got)[:80]
         return ApiError(
             400,
             "bad_sample",
@@ -370,14 +376,6 @@ def _validate_sample(index: int, item: Any, known: Mapping[str, ServerRecord]) -
     return out
 
 
-def _is_jsonable(v: Any) -> bool:
-    try:
-        json.dumps(v)
-    except (TypeError, ValueError, RecursionError):
-        return False
-    return True
-
-
 # --- handlers -----------------------------------------------------------------------
 
 
@@ -385,7 +383,7 @@ async def _status(request: web.Request) -> web.Response:
     ctx = _ctx(request)
     data = dict(ctx.status())
     data["servers_total"] = len(ctx.registry.servers)
-    data["counts_by_state"] = ctx.registry.counts_by_state()
+    data["servers_by_state"] = ctx.registry.counts_by_state()
     return _json(data)
 
 
@@ -433,7 +431,7 @@ async def _best(request: web.Request) -> web.Response:
             503,
             "no_ready_server",
             f"no {size} server is ready right now{hint}; their states: "
-            f"{', '.join(states_seen)}; `modelserverd status` shows why — retry shortly",
+            f"{', '.join(states_seen)}; `modelserverd status` shows why; retry shortly",
         )
     return _json({"model_size": size, "candidates": [r.to_json(now) for r in candidates]})
 
@@ -475,10 +473,6 @@ async def _samples(request: web.Request) -> web.Response:
             now=now,
             mono=mono,
         )
-        if not s["ok"] and s["error"]:
-            record = known.get(s["server"])
-            if record is not None:
-                record.last_error = s["error"][:500]
         ctx.writer.add_sample(source="client", ts=now, **s)
     return _json({"accepted": len(samples)}, status=202)
 
@@ -587,6 +581,11 @@ class _ServerCollector:
             "probes that failed",
             labels=["server"],
         )
+        probe_slow = CounterMetricFamily(
+            "modelserverd_server_probe_slow",
+            "probes abandoned by the early skip (slower than the round's best x growing rate)",
+            labels=["server"],
+        )
         up = GaugeMetricFamily(
             "modelserverd_server_up",
             "1 when the server may receive traffic (ready and not ejected)",
@@ -602,8 +601,9 @@ class _ServerCollector:
             restarts.add_metric([r.name], r.restarts)
             samples.add_metric([r.name], r.samples_total)
             probe_failures.add_metric([r.name], r.probe_failures_total)
+            probe_slow.add_metric([r.name], r.probe_slow_total)
             up.add_metric([r.name, r.config.model_size], 1.0 if r.serving(mono) else 0.0)
-        yield from (state, latency, restarts, samples, probe_failures, up)
+        yield from (state, latency, restarts, samples, probe_failures, probe_slow, up)
 
 
 # --- admin check --------------------------------------------------------------------
@@ -679,6 +679,19 @@ def _require_admin(request: web.Request, what: str) -> None:
 # --- application and socket ----------------------------------------------------------
 
 
+class _ServerLog(logging.LoggerAdapter):
+    """aiohttp's connection-level log: a peer sending bytes that are not HTTP is
+    answered 400 by aiohttp and is worth a debug line, not an error with a
+    traceback in the journal per garbage packet. Anything else stays an error."""
+
+    def exception(self, msg: object, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else None
+        if isinstance(exc, HttpProcessingError):
+            self.debug("API: refused a malformed request: %s", exc)
+            return
+        self.error(msg, *args, exc_info=exc_info, **kwargs)
+
+
 def build_app(ctx: ApiContext) -> web.Application:
     """The aiohttp application; serve it with :func:`serve_unix` (tests may use any site)."""
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_error_middleware])
@@ -725,7 +738,12 @@ async def _live_daemon_pid(path: str) -> tuple[bool, int | None]:
         return True, None
     try:
         writer.write(b"GET /v1/status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        raw = await asyncio.wait_for(reader.read(1 << 16), 2.0)
+        raw = b""
+        while len(raw) < 1 << 16:
+            chunk = await asyncio.wait_for(reader.read(1 << 16), 2.0)
+            if not chunk:
+                break
+            raw += chunk
         _head, _, body = raw.partition(b"\r\n\r\n")
         pid = json.loads(body).get("pid")
         return True, pid if isinstance(pid, int) else None
@@ -826,9 +844,11 @@ async def serve_unix(
 
     if not app.frozen:
         app.on_cleanup.append(_remove_socket)
+        app[TIMEOUT_KEY] = request_timeout_s
     runner = web.AppRunner(
         app,
         access_log=None,
+        logger=_ServerLog(logging.getLogger("modelserverd.api.http"), {}),
         # Closes a connection that has not completed a request this long after
         # connecting or after its last answer (half-open, idle, trickling headers).
         keepalive_timeout=request_timeout_s,

@@ -155,10 +155,12 @@ def run(config_path: str | None, log_level: str) -> None:
 
         modelserverd run --config /etc/modelserverd/config.toml
     """
+    import faulthandler
     import logging
 
     from .logsetup import setup_logging
 
+    faulthandler.enable()  # a watchdog SIGABRT prints every thread's stack to the journal
     setup_logging(getattr(logging, log_level.upper()))
     config = _load(config_path, local=True, exit_code=EXIT_RUN_CONFIG)
     from .api import SocketInUse

@@ -284,7 +284,11 @@ class Daemon:
         """Apply a new config by difference; a bad one raises ConfigError and the
         running config stays."""
         async with self._reload_lock:
-            new = await asyncio.to_thread(load_daemon_config, self.config.path)
+            self.notifier.reloading()
+            try:
+                new = await asyncio.to_thread(load_daemon_config, self.config.path)
+            finally:
+                self.notifier.ready(self.summary())
             old = self.config
             old_managed = {s.name: s for s in old.managed_servers}
             new_managed = {s.name: s for s in new.managed_servers}

@@ -32,6 +32,7 @@ import psutil
 
 from .config import ServerConfig, SglangConfig
 from .errors import ModelServerdError
+from .notify import strip_notify_env
 
 
 class LaunchError(ModelServerdError):
@@ -200,6 +201,7 @@ def spawn(spec: LaunchSpec, log_path: str | Path) -> Spawned:
     except OSError as exc:
         raise LaunchError(f"cannot open server log {log_path}: {exc}") from exc
     env = dict(os.environ)
+    strip_notify_env(env)  # systemd's notify socket is the daemon's, not the server's
     env.update(spec.env)
     try:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

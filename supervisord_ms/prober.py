@@ -168,6 +168,9 @@ class Prober:
                 body = await resp.content.read(MAX_ERROR_CHARS)
                 detail = body.decode("utf-8", "replace")
                 raise _ProbeFailed(f"HTTP {resp.status} from {url}: {_short(detail)}")
+            if resp.content_type == "application/json":
+                # A server that ignores stream=true answers whole: still a measurement.
+                return self._whole_answer(url, await resp.json(), loop.time() - progress.started)
             ttft = None
             prompt_tokens = completion_tokens = None
             content_chunks = 0
@@ -230,6 +233,19 @@ class Prober:
             if resp is not None:
                 resp.release()
 
+    @staticmethod
+    def _whole_answer(url: str, body: object, latency: float) -> ProbeResult:
+        if not isinstance(body, dict) or not body.get("choices"):
+            raise _ProbeFailed(f"{url} answered without choices: {_short(repr(body))}")
+        usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+        return ProbeResult(
+            OK,
+            latency_s=latency,
+            prompt_tokens=_count(usage.get("prompt_tokens")),
+            completion_tokens=_count(usage.get("completion_tokens")),
+            responded=True,
+        )
+
     # --- a round ------------------------------------------------------------------
     def _targets(self, mono: float) -> tuple[list[ServerRecord], list[ServerRecord]]:
         """(to probe, skipped because a client request measured them recently)."""
@@ -252,6 +268,8 @@ class Prober:
         probed because of their state (starting, stopped, ...) are absent.
         """
         loop = asyncio.get_running_loop()
+        for gone in set(self._misses) - set(self.registry.servers):
+            del self._misses[gone]
         targets, skipped = self._targets(time.monotonic())
         outcome: dict[str, str] = {r.name: SKIPPED for r in skipped}
         results: dict[str, ProbeResult] = {}

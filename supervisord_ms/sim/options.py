@@ -24,7 +24,7 @@ class SimOptions:
     tp_size: int
     nccl_port: int | None
     base_gpu_id: int
-    mem_fraction_static: float | None
+    mem_fraction_static: float
     served_model_name: str | None
     startup_s: float
     warmup_s: float
@@ -88,9 +88,31 @@ def _ratio(text: str) -> float:
     return value
 
 
+EPILOG = """\
+endpoints (SGLang's paths and shapes):
+  GET  /health, /health_generate    200 ready, 503 warming up or unhealthy
+  POST /generate                    {"text" | "input_ids", "sampling_params", "stream"}
+  POST /v1/chat/completions, /v1/completions   OpenAI shape, "stream": true for SSE
+  GET  /v1/models, /get_model_info, /get_server_info, /metrics
+  GET  /sim/state                   counters, fault mode, children, GPUs
+  POST /sim/fault                   {"mode": "normal" | "hang" | "crash" | "error" | "slow"
+                                     | "unhealthy", "slow_factor", "error_rate", "exit_code"}
+    normal clears every fault (and pending --sim-*-after triggers); hang stops all
+    answers for good; crash exits right after answering; unhealthy answers 503.
+
+log lines tests wait for: "sim: pid=N listening on http://HOST:PORT", "sim: ready".
+"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m supervisord_ms.sim",
+        formatter_class=_HelpFormatter,
+        epilog=EPILOG,
         description=(
             "modelserverd simulator (not a real model): an SGLang stand-in that speaks "
             "SGLang's HTTP API with configurable latency and faults, for hosts without "
@@ -119,9 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument(
         "--mem-fraction-static",
         type=_ratio,
-        default=None,
-        help=f"share of each GPU held when --sim-gpu-mib is not given "
-        f"(default {DEFAULT_MEM_FRACTION})",
+        default=DEFAULT_MEM_FRACTION,
+        help="share of each GPU held when --sim-gpu-mib is not given",
     )
     sg.add_argument("--served-model-name", default=None)
 
@@ -148,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sim-token-latency-s",
         type=_non_negative_float,
         default=0.005,
-        help="time per output token after the first",
+        help="time per output token",
     )
     sim.add_argument(
         "--sim-noise",
@@ -183,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="after N generation requests stop answering everything, /health included, "
-        "while the port stays open and accepts connections",
+        "while the port stays open and accepts connections (0: hung from the start)",
     )
     sim.add_argument(
         "--sim-error-after",
@@ -252,6 +273,11 @@ def parse_options(argv: Sequence[str] | None = None) -> SimOptions:
     """Parse the command line; unknown ``--flag [value]`` pairs are kept in ``ignored``."""
     parser = build_parser()
     ns, rest = parser.parse_known_args(argv)
+    typos = [a for a in rest if a.startswith("--sim-")]
+    if typos:
+        # An SGLang flag may be new to us; a simulator flag we do not know is a typo
+        # that would otherwise silently turn a fault test into a no-op.
+        parser.error(f"unknown simulator flag {typos[0].split('=')[0]} (see --help)")
     return SimOptions(
         model_path=ns.model_path,
         host=ns.host,
