@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv test test-all lint demo bench install clean system-deps
 
+INSTALL_VENV ?= /opt/modelserverd
+INSTALL_EXTRAS ?=
+
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -35,6 +38,24 @@ demo: venv
 
 bench: venv system-deps
 	$(PY) bench/run.py
+
+# Installs the daemon on a host: its own venv (Debian refuses a system-wide pip),
+# the unit, the modelserver user and group, and an example config (never overwritten).
+install:
+	@test "$$(id -u)" = 0 || { echo "make install must run as root"; exit 1; }
+	$(PYTHON) -m venv $(INSTALL_VENV)
+	$(INSTALL_VENV)/bin/pip install --quiet --upgrade pip
+	$(INSTALL_VENV)/bin/pip install --quiet ".$(INSTALL_EXTRAS)"
+	ln -sf $(INSTALL_VENV)/bin/modelserverd /usr/local/bin/modelserverd
+	ln -sf $(INSTALL_VENV)/bin/ms-client /usr/local/bin/ms-client
+	install -D -m 0644 systemd/modelserverd.service /usr/local/lib/systemd/system/modelserverd.service
+	install -D -m 0644 systemd/modelserverd.sysusers /usr/local/lib/sysusers.d/modelserverd.conf
+	install -D -m 0644 docs/systemd.md /usr/local/share/doc/modelserverd/systemd.md
+	install -d -m 0755 /etc/modelserverd
+	test -e /etc/modelserverd/config.toml || install -m 0644 examples/config.toml /etc/modelserverd/config.toml
+	systemd-sysusers /usr/local/lib/sysusers.d/modelserverd.conf
+	systemctl daemon-reload
+	@echo "next: edit /etc/modelserverd/config.toml; modelserverd check-config; systemctl enable --now modelserverd"
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info demo-run bench/work
