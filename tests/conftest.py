@@ -19,4 +19,4 @@ def port() -> int:
     return free_port()
 
 
-pytest_plugins = ["daemon_harness"]
+pytest_plugins = ["daemon_harness", "simtools"]
