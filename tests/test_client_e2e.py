@@ -154,7 +154,7 @@ def test_daemon_stopped_completions_still_succeed_from_config(fleet):
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["server"] == "a"
+    assert json.loads(out.stdout)["server"] in SPEEDS
     assert out.stderr.count("daemon not reachable") == 1  # said once
 
 
