@@ -107,12 +107,14 @@ class ApiContext:
 
 CTX_KEY: web.AppKey[ApiContext] = web.AppKey("modelserverd_ctx", ApiContext)
 TIMEOUT_KEY: web.AppKey[float] = web.AppKey("modelserverd_request_timeout_s", float)
+# Connections that have sent at least one whole request head (see _close_stalled).
+SEEN_KEY: web.AppKey[set] = web.AppKey("modelserverd_seen_connections", set)
 
 
 # --- errors -------------------------------------------------------------------------
 
 
-class ApiError(Exception):
+class Refused(Exception):
     """Raised inside a handler to answer with the error format (never escapes the API)."""
 
     def __init__(self, status: int, code: str, message: str, **extra: Any):
@@ -188,20 +190,21 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.St
 async def _error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """Turn every failure into the error format; a bug answers 500 and is logged,
     and the daemon keeps serving."""
+    request.app[SEEN_KEY].add(request.protocol)
     try:
         try:
             length = request.content_length
         except ValueError:
-            raise ApiError(400, "bad_request", "Content-Length is not a number") from None
+            raise Refused(400, "bad_request", "Content-Length is not a number") from None
         if length is not None and length > MAX_BODY_BYTES:
-            raise ApiError(
+            raise Refused(
                 413,
                 "too_large",
                 f"request body of {length} bytes is over the limit of {MAX_BODY_BYTES} bytes; "
                 "send fewer samples per request",
             )
         return await handler(request)
-    except ApiError as exc:
+    except Refused as exc:
         return _error(exc.status, exc.code, exc.message, **exc.extra)
     except web.HTTPException as exc:
         return _from_http_exception(request, exc)
@@ -233,7 +236,7 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
     if raw is None or raw == "":
         return default
     if not _DIGITS.fullmatch(raw) or not low <= int(raw) <= high:
-        raise ApiError(
+        raise Refused(
             400,
             "bad_request",
             f"{name}: got {raw[:40]!r}, expected an integer from {low} to {high}",
@@ -244,7 +247,7 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
 def _record(ctx: ApiContext, name: str) -> ServerRecord:
     record = ctx.registry.servers.get(name)
     if record is None:
-        raise ApiError(
+        raise Refused(
             404,
             "unknown_server",
             f"no server named {name[:100]!r} is configured; GET /v1/servers "
@@ -270,7 +273,7 @@ async def _read_body(request: web.Request) -> bytes:
     try:
         return await asyncio.wait_for(request.read(), timeout_s)
     except asyncio.TimeoutError:
-        raise ApiError(
+        raise Refused(
             408,
             "request_timeout",
             f"the request body did not arrive within {timeout_s:g} s; send it whole",
@@ -285,11 +288,11 @@ def _parse_json(body: bytes) -> Any:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
-        raise ApiError(400, "bad_json", "the body is not UTF-8 text; send JSON") from None
+        raise Refused(400, "bad_json", "the body is not UTF-8 text; send JSON") from None
     try:
         return json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
-        raise ApiError(
+        raise Refused(
             400,
             "bad_json",
             f"the body is not valid JSON ({str(exc)[:120]}); send "
@@ -320,12 +323,12 @@ def _seconds(v: Any) -> float | None:
 def _validate_sample(index: int, item: Any, known: Mapping[str, ServerRecord]) -> dict:
     where = f"samples[{index}]"
 
-    def bad(field: str, got: Any, expected: str) -> ApiError:
+    def bad(field: str, got: Any, expected: str) -> Refused:
         try:
             shown = json.dumps(got)[:80]
         except (TypeError, ValueError, RecursionError):
             shown = repr(got)[:80]
-        return ApiError(
+        return Refused(
             400,
             "bad_sample",
             f"{where}.{field}: got {shown}, expected {expected}; nothing of this request "
@@ -335,7 +338,7 @@ def _validate_sample(index: int, item: Any, known: Mapping[str, ServerRecord]) -
         )
 
     if not isinstance(item, dict):
-        raise ApiError(
+        raise Refused(
             400,
             "bad_sample",
             f"{where}: expected an object with server, ok, latency_s, ...; "
@@ -403,13 +406,13 @@ async def _best(request: web.Request) -> web.Response:
     size = request.query.get("model_size", "")
     known = sorted(ctx.registry.known_sizes())
     if not size:
-        raise ApiError(
+        raise Refused(
             400,
             "bad_request",
             f"model_size is missing; add ?model_size=<one of {', '.join(known) or 'none'}>",
         )
     if size not in known:
-        raise ApiError(
+        raise Refused(
             404,
             "unknown_model_size",
             f"no server is configured for model size {size[:40]!r}; known sizes: "
@@ -427,7 +430,7 @@ async def _best(request: web.Request) -> web.Response:
             {r.state for r in ctx.registry.servers.values() if r.config.model_size == size}
         )
         hint = " (all ready ones are in exclude)" if exclude else ""
-        raise ApiError(
+        raise Refused(
             503,
             "no_ready_server",
             f"no {size} server is ready right now{hint}; their states: "
@@ -444,14 +447,14 @@ async def _samples(request: web.Request) -> web.Response:
     ctx = _ctx(request)
     data = _parse_json(await _read_body(request))
     if not isinstance(data, dict) or not isinstance(data.get("samples"), list):
-        raise ApiError(
+        raise Refused(
             400,
             "bad_request",
             'expected a JSON object {"samples": [...]} with a list of samples',
         )
     items = data["samples"]
     if len(items) > MAX_SAMPLES:
-        raise ApiError(
+        raise Refused(
             413,
             "too_many_samples",
             f"{len(items)} samples in one request; send at most {MAX_SAMPLES} per request",
@@ -505,7 +508,7 @@ def _action_handler(action: str) -> Callable[[web.Request], Any]:
         record = _record(ctx, request.match_info["name"])
         if not record.config.is_managed:
             where = "another host" if not record.config.local else "this host, managed = false"
-            raise ApiError(
+            raise Refused(
                 409,
                 "not_managed",
                 f"server {record.name} is not managed by this daemon ({where}); "
@@ -516,7 +519,7 @@ def _action_handler(action: str) -> Callable[[web.Request], Any]:
             # Shielded: a client that hangs up must not cancel a half-done restart.
             result = await asyncio.shield(method(record.name))
         except ModelServerdError as exc:
-            raise ApiError(409, "action_failed", f"{action} {record.name}: {exc}") from None
+            raise Refused(409, "action_failed", f"{action} {record.name}: {exc}") from None
         return _json(result)
 
     return handler
@@ -528,7 +531,7 @@ async def _reload(request: web.Request) -> web.Response:
     try:
         result = await asyncio.shield(ctx.actions.reload())
     except ConfigError as exc:
-        raise ApiError(
+        raise Refused(
             400,
             "bad_config",
             "the new config was refused, the running one stays in force: "
@@ -673,7 +676,7 @@ def _require_admin(request: web.Request, what: str) -> None:
         )
     else:
         how = "use sudo, or have the operator set [daemon].admin_group and join that group"
-    raise ApiError(403, "forbidden", f"{who} may not {what}: {how}")
+    raise Refused(403, "forbidden", f"{who} may not {what}: {how}")
 
 
 # --- application and socket ----------------------------------------------------------
@@ -696,6 +699,7 @@ def build_app(ctx: ApiContext) -> web.Application:
     """The aiohttp application; serve it with :func:`serve_unix` (tests may use any site)."""
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_error_middleware])
     app[CTX_KEY] = ctx
+    app[SEEN_KEY] = set()
     r = app.router
     r.add_get("/v1/status", _status)
     r.add_get("/v1/servers", _servers)
@@ -762,7 +766,7 @@ async def _clear_path(path: str) -> None:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise SocketError(
-            f"{path} exists and is not a socket; it is not ours to delete — move it away "
+            f"{path} exists and is not a socket; it is not ours to delete: move it away "
             "or set [daemon].socket to another path"
         )
     live, pid = await _live_daemon_pid(path)
@@ -808,6 +812,33 @@ def _bind(path: str, mode: int, gid: int | None) -> socket.socket:
     return sock
 
 
+async def _close_stalled(runner: web.AppRunner, seen: set, timeout_s: float) -> None:
+    """Close connections that have not completed a first request within ``timeout_s``.
+
+    After a first request aiohttp's keep-alive timer guards the connection, but
+    before it (a peer that connects and sends nothing, or trickles header bytes
+    forever) only recent aiohttp versions close it. Without this, such peers
+    would pile up until the daemon runs out of file descriptors.
+    """
+    loop = asyncio.get_running_loop()
+    first_seen: dict[Any, float] = {}
+    interval = max(0.05, timeout_s / 4)
+    while runner.server is not None:
+        now = loop.time()
+        live = runner.server.connections
+        alive = set(live)
+        seen.intersection_update(alive)
+        for handler in [h for h in first_seen if h not in alive]:
+            del first_seen[handler]
+        for handler in live:
+            if handler in seen:
+                continue
+            if now - first_seen.setdefault(handler, now) >= timeout_s:
+                log.debug("API: closing a connection with no request after %g s", timeout_s)
+                handler.force_close()
+        await asyncio.sleep(interval)
+
+
 async def serve_unix(
     app: web.Application,
     path: str,
@@ -842,7 +873,16 @@ async def serve_unix(
             if os.stat(path).st_ino == inode:
                 os.unlink(path)
 
+    sweeper: asyncio.Task | None = None
+
+    async def _stop_sweeper(_app: web.Application) -> None:
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+
     if not app.frozen:
+        app.on_shutdown.append(_stop_sweeper)
         app.on_cleanup.append(_remove_socket)
         app[TIMEOUT_KEY] = request_timeout_s
     runner = web.AppRunner(
@@ -866,5 +906,10 @@ async def serve_unix(
         sock.close()
         await runner.cleanup()
         raise
+    if SEEN_KEY in app:  # the mark is set by build_app's middleware
+        sweeper = asyncio.create_task(
+            _close_stalled(runner, app[SEEN_KEY], request_timeout_s),
+            name="api-stalled-connections",
+        )
     log.info("API: serving on %s (mode %04o%s)", path, mode, f", group {group}" if group else "")
     return runner

@@ -176,9 +176,7 @@ class Daemon:
         await asyncio.gather(
             *(s.shutdown() for s in self.supervisors.values()), return_exceptions=True
         )
-        await self.runner.cleanup()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.config.daemon.socket)
+        await self.runner.cleanup()  # also removes the socket file, if it is still ours
         self.writer.add_event(server=None, kind="daemon_stop", message="all servers stopped")
         log.info("modelserverd stopped")
         return 0

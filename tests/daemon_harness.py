@@ -69,6 +69,7 @@ class DaemonUnderTest:
     config_path: Path
     servers: list[dict]
     proc: subprocess.Popen | None = None
+    socket_path: str | None = None
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -76,7 +77,7 @@ class DaemonUnderTest:
 
     @property
     def socket(self) -> str:
-        return str(self.dir / "api.sock")
+        return self.socket_path or str(self.dir / "api.sock")
 
     @property
     def db(self) -> str:
@@ -223,7 +224,12 @@ def make_daemon(
         lines += ["[[servers]]", *(f"{k} = {_toml_value(v)}" for k, v in values.items()), ""]
     config_path = directory / "config.toml"
     config_path.write_text("\n".join(lines))
-    return DaemonUnderTest(dir=directory, config_path=config_path, servers=servers)
+    return DaemonUnderTest(
+        dir=directory,
+        config_path=config_path,
+        servers=servers,
+        socket_path=(daemon or {}).get("socket"),
+    )
 
 
 @pytest.fixture
