@@ -1,0 +1,399 @@
+"""``ms-client``: completions and server questions from the shell.
+
+Each command is a few lines over the library. Tables are for people, ``--json`` for
+programs. Exit codes are a contract for scripts: 0 ok, 1 other failure (a request
+the server refused, a daemon error, a command that needs the daemon), 2 usage,
+3 no server could answer, 4 config problem. Messages go to stderr and say what to do.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import click
+
+from supervisord_ms import __version__
+from supervisord_ms.config import DaemonConfig
+
+from . import _fallback
+from ._client import ModelServer, _load
+from ._exceptions import (
+    ConfigProblem,
+    DaemonError,
+    DaemonUnavailable,
+    NoServerAvailable,
+    RequestRejected,
+    StreamInterrupted,
+)
+from ._models import ServerInfo
+from ._sglang import APIS
+from ._transport import DaemonClient, HttpTransport
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NO_SERVER = 3
+EXIT_CONFIG = 4
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(code: int, lines: Sequence[str]) -> None:
+    for line in lines:
+        click.echo(f"ms-client: {line}", err=True)
+    raise click.exceptions.Exit(code)
+
+
+def _errors(func: F) -> F:
+    """Turn the library's exceptions into one clear message and the documented code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ConfigProblem as exc:
+            _fail(EXIT_CONFIG, [*exc.problems, "fix the config above (or pass --config PATH)"])
+        except (NoServerAvailable, StreamInterrupted) as exc:
+            _fail(EXIT_NO_SERVER, [str(exc)])
+        except (RequestRejected, DaemonError, DaemonUnavailable) as exc:
+            _fail(EXIT_FAILED, [str(exc)])
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+config_option = click.option(
+    "--config",
+    "config",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Config file (default: $MODELSERVERD_CONFIG, else /etc/modelserverd/config.toml).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
+size_option = click.option(
+    "--model-size", default="8B", show_default=True, help="Model size, as in the config."
+)
+
+
+def _fmt(value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value) or "-"
+    return str(value)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[_fmt(v) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    for row in [list(headers), *cells]:
+        line = "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
+        click.echo(line.rstrip())
+
+
+def _echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=False))
+
+
+class _Setup:
+    """The config (when readable) and the daemon socket, shared by the commands."""
+
+    def __init__(self, config: str | None):
+        self.config, self.path, self.problems = _load(config)
+        self.socket = (self.config.daemon if self.config else DaemonConfig()).socket
+        self.daemon = DaemonClient(self.socket)
+
+    def need_config(self, exc: DaemonUnavailable) -> None:
+        """Without the daemon the config is the only source of servers."""
+        _fallback.note_daemon_down(exc, str(self.path))
+        if self.config is None:
+            raise ConfigProblem(
+                [*self.problems, f"(needed because the daemon is not reachable at {self.socket})"]
+            )
+
+    def probe_all(self) -> list[_fallback.ProbeResult]:
+        assert self.config is not None
+        return _fallback.probe(
+            _fallback.servers_from_config(self.config),
+            transport=HttpTransport(),
+            api=APIS["chat"],
+            client=self.config.client,
+            early_skip=False,
+        )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ms-client")
+def cli() -> None:
+    """Completions from the best SGLang server, chosen by modelserverd.
+
+    Asks the daemon on its Unix socket which server is best, sends the request
+    straight to that server, and falls back across servers when one fails or hangs.
+    Without the daemon it probes the servers of the config file itself.
+
+    \b
+    Exit codes: 0 ok, 1 other failure, 2 usage, 3 no server could answer,
+    4 config problem.
+
+    \b
+    Example:
+        ms-client complete "Say hello in one short sentence." --model-size 8B
+        ms-client best --model-size 70B --json
+    """
+
+
+@cli.command()
+@click.argument("prompt")
+@size_option
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Longest answer, in tokens.")
+@click.option("--temperature", type=click.FloatRange(min=0.0), help="Sampling temperature.")
+@click.option("--system", help="System message (chat API only).")
+@click.option("--session", help="Session key: keeps a conversation on one server.")
+@click.option(
+    "--stream/--no-stream", default=True, show_default=True, help="Print text as it arrives."
+)
+@json_option
+@click.option(
+    "--api",
+    type=click.Choice(sorted(APIS)),
+    default="chat",
+    show_default=True,
+    help="OpenAI chat API or SGLang's native /generate.",
+)
+@config_option
+@_errors
+def complete(
+    prompt: str,
+    model_size: str,
+    max_tokens: int | None,
+    temperature: float | None,
+    system: str | None,
+    session: str | None,
+    stream: bool,
+    as_json: bool,
+    api: str,
+    config: str | None,
+) -> None:
+    """Send PROMPT to the best server of a size and print the answer.
+
+    PROMPT "-" reads the prompt from standard input. Text is printed as it
+    arrives; --json prints text, server, latency_s, ttft_s, prompt_tokens,
+    completion_tokens and attempts at the end instead.
+
+    \b
+    Example:
+        ms-client complete "Say hello in one short sentence." --max-tokens 32
+        echo "Summarise: ..." | ms-client complete - --model-size 70B --json
+    """
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    server = ModelServer(model_size, config=config, session_key=session, api=api)
+    kwargs: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
+    if system is not None:
+        kwargs["system"] = system
+    try:
+        if as_json or not stream:
+            result = server.get_completion(prompt, **kwargs)
+            if as_json:
+                _echo_json(result.to_dict())
+            else:
+                click.echo(result.text)
+            return
+        text_end = "\n"
+        for chunk in server.stream_completion(prompt, **kwargs):
+            click.echo(chunk, nl=False)
+            sys.stdout.flush()
+            text_end = chunk[-1:]
+        if text_end != "\n":
+            click.echo()
+    finally:
+        server.close()
+
+
+@cli.command()
+@size_option
+@json_option
+@config_option
+@_errors
+def best(model_size: str, as_json: bool, config: str | None) -> None:
+    """The servers a request of a size would go to, best first.
+
+    Asks the daemon; without it, probes the config's servers of that size with
+    the benchmark message and ranks them by latency (and says so on stderr).
+
+    \b
+    Example:
+        ms-client best --model-size 8B
+        ms-client best --model-size 70B --json | jq -r '.candidates[0].url'
+    """
+    setup = _Setup(config)
+    n = setup.config.client.max_retry if setup.config else 3
+    try:
+        candidates = setup.daemon.best(model_size, n=n)
+        source = "daemon"
+    except DaemonError as exc:
+        raise NoServerAvailable(
+            model_size, detail=f"the daemon at {setup.socket} found none: {exc.message}"
+        ) from None
+    except DaemonUnavailable as exc:
+        setup.need_config(exc)
+        assert setup.config is not None
+        ranked = _fallback.choose(
+            setup.config, model_size, transport=HttpTransport(), api=APIS["chat"]
+        )
+        candidates = [s.as_api_object() for s in ranked[:n]]
+        source = "probe"
+    if not candidates:
+        raise NoServerAvailable(model_size, detail=f"the daemon at {setup.socket} offered none")
+    if as_json:
+        _echo_json({"model_size": model_size, "source": source, "candidates": candidates})
+        return
+    rows = []
+    for rank, obj in enumerate(candidates, 1):
+        s = ServerInfo.from_daemon(obj)
+        rows.append(
+            [rank, s.name, s.address, s.state, s.latency_s, s.ttft_s, s.latency_per_token_s]
+        )
+    _table(["#", "NAME", "ADDRESS", "STATE", "LATENCY_S", "TTFT_S", "S_PER_TOKEN"], rows)
+
+
+@cli.command()
+@json_option
+@config_option
+@_errors
+def servers(as_json: bool, config: str | None) -> None:
+    """Every configured server with its state and latency.
+
+    Asks the daemon; without it, probes every server of the config once and
+    shows which answered (and says so on stderr).
+
+    \b
+    Example:
+        ms-client servers
+        ms-client servers --json | jq '.servers[] | select(.state != "ready") | .name'
+    """
+    setup = _Setup(config)
+    try:
+        found = setup.daemon.servers()
+    except DaemonUnavailable as exc:
+        setup.need_config(exc)
+        found = []
+        for result in setup.probe_all():
+            obj = result.measured.as_api_object()
+            obj["last_error"] = result.error
+            found.append(obj)
+    if as_json:
+        _echo_json({"servers": found})
+        return
+    rows = [
+        [
+            s.get("name"),
+            s.get("model_size"),
+            ServerInfo.from_daemon(s).address,
+            s.get("state"),
+            s.get("pid"),
+            s.get("restarts"),
+            s.get("latency_s"),
+            s.get("last_error"),
+        ]
+        for s in found
+    ]
+    _table(["NAME", "SIZE", "ADDRESS", "STATE", "PID", "RESTARTS", "LATENCY_S", "LAST_ERROR"], rows)
+
+
+@cli.command()
+@json_option
+@config_option
+@_errors
+def sizes(as_json: bool, config: str | None) -> None:
+    """Model sizes that have at least one ready server.
+
+    Asks the daemon; without it, probes every server of the config once.
+
+    \b
+    Example:
+        ms-client sizes
+        ms-client sizes --json
+    """
+    setup = _Setup(config)
+    try:
+        found = setup.daemon.sizes()
+    except DaemonUnavailable as exc:
+        setup.need_config(exc)
+        found = []
+        for result in setup.probe_all():
+            if result.ok and result.server.model_size not in found:
+                found.append(result.server.model_size)
+    if as_json:
+        _echo_json({"sizes": found})
+        return
+    for size in found:
+        click.echo(size)
+
+
+@cli.command()
+@click.option("--server", help="Only this server's samples.")
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Newest N."
+)
+@json_option
+@config_option
+@_errors
+def latency(server: str | None, limit: int, as_json: bool, config: str | None) -> None:
+    """Recent latency samples (probes and clients), newest first.
+
+    Needs the daemon: it keeps the history.
+
+    \b
+    Example:
+        ms-client latency --server llama8b-a --limit 10
+        ms-client latency --json
+    """
+    setup = _Setup(config)
+    try:
+        samples = setup.daemon.latency(server=server, limit=limit)
+    except DaemonUnavailable as exc:
+        _fail(
+            EXIT_FAILED,
+            [
+                f"latency needs the daemon, which keeps the history: {exc}",
+                f"start it (systemctl start modelserverd) or check daemon.socket in {setup.path}",
+            ],
+        )
+        return
+    if as_json:
+        _echo_json({"samples": samples})
+        return
+    rows = [
+        [
+            s.get("ts"),
+            s.get("server"),
+            s.get("source"),
+            s.get("ok"),
+            s.get("latency_s"),
+            s.get("ttft_s"),
+            s.get("completion_tokens"),
+            s.get("error"),
+        ]
+        for s in samples
+    ]
+    _table(["TS", "SERVER", "SOURCE", "OK", "LATENCY_S", "TTFT_S", "TOKENS", "ERROR"], rows)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``ms-client`` command."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name="ms-client")
+
+
+if __name__ == "__main__":
+    main()
