@@ -22,6 +22,10 @@ ESTIMATE_HALF_LIFE_PROBES = 3.0
 HYSTERESIS_MARGIN = 0.2
 HYSTERESIS_HOLD_PROBES = 2.0
 EJECTION_THRESHOLD = 3
+# A conversation stays on its server while that server is healthy (ready, not
+# ejected); only a server this many times slower than the best loses its keys, so
+# probe noise on a busy host never moves a conversation (and its prefix cache).
+AFFINITY_MAX_RATIO = 10.0
 
 
 @dataclass
@@ -215,7 +219,9 @@ class Registry:
         ranked = selector.rank(candidates, incumbent)
         if key:
             latencies = {c.name: c.latency_s for c in candidates}
-            ranked = selector.affinity_rank(key, ranked, latencies)
+            ranked = selector.affinity_rank(
+                key, ranked, latencies, max_ratio=AFFINITY_MAX_RATIO
+            )
         return [self.servers[name] for name in ranked[: max(1, n)]]
 
     def counts_by_state(self) -> dict[str, int]:
