@@ -23,8 +23,9 @@ from .gpus import write_file_gpu_view
 AUDIT_QUERY = """\
 SELECT server, reason, count(*) AS restarts
 FROM restarts
-WHERE ts >= strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 day')
-GROUP BY server, reason ORDER BY restarts DESC;"""
+WHERE datetime(ts) >= datetime('now', '-1 day')
+GROUP BY server, reason
+ORDER BY restarts DESC, server;"""
 
 
 def demo_config(workdir: Path) -> str:
@@ -58,8 +59,20 @@ def demo_config(workdir: Path) -> str:
         "[sglang]",
         f"python = {json.dumps(py)}",
         'module = "supervisord_ms.sim"',
-        'extra_args = ["--sim-startup-s", "1.0", "--sim-warmup-s", "0.5",'
-        ' "--sim-gpu-file", "gpus.json", "--sim-gpu-mib", "60000"]',
+        # Launch arguments are passed as they are: the GPU file needs its full path.
+        "extra_args = "
+        + json.dumps(
+            [
+                "--sim-startup-s",
+                "1.0",
+                "--sim-warmup-s",
+                "0.5",
+                "--sim-gpu-file",
+                str(workdir / "gpus.json"),
+                "--sim-gpu-mib",
+                "60000",
+            ]
+        ),
         "",
     ]
     for name, port, size, gpus, extra in servers:
