@@ -51,9 +51,11 @@ def backoff_delay(
 
     * attempt >= 2: ``nominal * (1 - jitter)`` .. ``nominal * (1 + jitter)``, with the
       top cut at ``max_s``: the cap is a promise, jitter never exceeds it.
-    * attempt 1: ``initial_s * (1 - jitter)`` .. ``initial_s``: the lower half of the
-      range only. Most crashes are one-offs, and the first relaunch must come quickly
-      (with the default ``initial_s = 1.0`` it always comes within 1 s of the exit).
+    * attempt 1: ``initial_s * (1 - jitter)`` .. ``initial_s * (1 - jitter / 2)``: the
+      bottom of the range only. Most crashes are one-offs, and the first relaunch must
+      come quickly: with the default ``initial_s = 1.0`` the wait is at most 0.9 s,
+      which leaves a tenth of a second to check the GPUs and port and spawn, so the
+      relaunch comes within 1 s of the exit.
 
     ``rand = 0`` gives the bottom of the range, ``rand = 1`` the top. The result is never
     below 0 and never above ``max_s``.
@@ -68,7 +70,7 @@ def backoff_delay(
         raise ValueError(f"rand must be in [0, 1], got {rand}")
     nominal = min(initial_s * 2.0 ** min(attempt - 1, _MAX_EXPONENT), max_s)
     low = max(nominal * (1.0 - jitter), 0.0)
-    high = nominal if attempt == 1 else nominal * (1.0 + jitter)
+    high = nominal * (1.0 - jitter / 2) if attempt == 1 else nominal * (1.0 + jitter)
     high = min(high, max_s)
     low = min(low, high)
     # min(): rounding must not lift rand = 1 a hair above the cap.

@@ -23,6 +23,7 @@ import os
 import random
 import signal as signals
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,10 @@ log = logging.getLogger("modelserverd")
 # How often a waiting server rechecks its GPUs and port, and a starting one its /health.
 RECHECK_S = 1.0
 STARTUP_POLL_S = 0.25
+# Listing a process tree reads every /proc entry of the host: record a server's
+# descendants once a second while it starts (and when it turns ready), then rarely.
+STARTUP_REFRESH_S = 1.0
+READY_REFRESH_S = 30.0
 # After a stop, how long to wait for the port and GPU memory to be released.
 RELEASE_EXTRA_S = 30.0
 
@@ -342,60 +347,99 @@ class ServerSupervisor:
     async def _watch(self) -> Failure | None:
         """Follow the process from starting to ready and while ready; return why it
         must be replaced, or None when a request (stop/restart) interrupted."""
-        cfg = self.ctx.config()
-        d = cfg.daemon
+        if self.record.state == states.STARTING:
+            failure = await self._watch_startup()
+            if failure is not None or self.record.state != states.READY:
+                return failure
+        return await self._watch_ready()
+
+    async def _watch_startup(self) -> Failure | None:
+        """Poll /health until 200: connection refused and 503 mean "still loading"."""
+        d = self.ctx.config().daemon
         assert self.exit_future is not None
-        launched = time.monotonic() if self.record.state != states.READY else None
-        failures = 0
-        timeouts = 0
+        launched = time.monotonic()
+        last_refresh = 0.0
         while True:
-            if self.record.state == states.STARTING:
-                if launched is None:
-                    launched = time.monotonic()
-                if time.monotonic() - launched > d.startup_timeout_s:
-                    return Failure(
-                        "startup_timeout",
-                        f"not ready after {d.startup_timeout_s:g} s (startup_timeout_s)",
-                    )
-                wait = STARTUP_POLL_S
-            else:
-                wait = d.probe_interval_s
-            exited = await self._wait_exit_or_wake(wait)
-            if exited:
+            if time.monotonic() - launched > d.startup_timeout_s:
+                return Failure(
+                    "startup_timeout",
+                    f"not ready after {d.startup_timeout_s:g} s (startup_timeout_s)",
+                )
+            if await self._wait_exit_or_wake(STARTUP_POLL_S):
                 return self._exit_failure()
             if self._request is not None:
                 return None
-            self._refresh_descendants()
+            if time.monotonic() - last_refresh >= STARTUP_REFRESH_S:
+                self._refresh_descendants()
+                last_refresh = time.monotonic()
             status = await self._health(d.health_timeout_s)
             if self.exit_future.done():
                 return self._exit_failure()
-            if self.record.state == states.STARTING:
-                if status == 200:
-                    self.set_state(states.READY, f"/health answered 200 (pid {self.record.pid})")
-                continue
             if status == 200:
-                failures = timeouts = 0
-                if self.record.state == states.UNHEALTHY:
-                    self.set_state(states.READY, "/health answers again")
-                self._maybe_stable()
-                continue
-            failures += 1
-            timeouts += status is None
-            what = "no answer" if status is None else f"HTTP {status}"
-            if failures >= d.health_failures:
-                reason = "hang" if timeouts else "unhealthy"
-                self.set_state(
-                    states.UNHEALTHY,
-                    f"{failures} consecutive failed health checks (last: {what})",
-                )
-                return Failure(reason, f"{failures} consecutive failed health checks ({what})")
-            log.info(
-                "server %s: health check failed (%s), %d of %d",
-                self.name,
-                what,
-                failures,
-                d.health_failures,
-            )
+                # SGLang's scheduler children exist by now: record them before any crash.
+                self._refresh_descendants()
+                self.set_state(states.READY, f"/health answered 200 (pid {self.record.pid})")
+                return None
+
+    async def _watch_ready(self) -> Failure | None:
+        """Health checks start every probe_interval_s, without waiting for the one
+        before: a hung server is declared after health_failures x probe_interval_s +
+        health_timeout_s, not health_failures x (probe_interval_s + health_timeout_s)."""
+        d = self.ctx.config().daemon
+        assert self.exit_future is not None
+        pending: deque[asyncio.Task[int | None]] = deque()
+        next_check = time.monotonic() + d.probe_interval_s
+        last_refresh = time.monotonic()
+        failures = timeouts = 0
+        try:
+            while True:
+                room = len(pending) < d.health_failures
+                timeout = max(0.0, next_check - time.monotonic()) if room else None
+                wake = asyncio.ensure_future(self._wake.wait())
+                waits: set[asyncio.Future] = {self.exit_future, wake}
+                if pending:
+                    waits.add(pending[0])
+                try:
+                    await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    wake.cancel()
+                if self.exit_future.done():
+                    return self._exit_failure()
+                if self._request is not None:
+                    return None
+                now = time.monotonic()
+                if room and now >= next_check:
+                    pending.append(asyncio.create_task(self._health(d.health_timeout_s)))
+                    next_check = now + d.probe_interval_s
+                if now - last_refresh >= READY_REFRESH_S:
+                    self._refresh_descendants()
+                    last_refresh = now
+                while pending and pending[0].done():
+                    status = pending.popleft().result()
+                    if status == 200:
+                        failures = timeouts = 0
+                        if self.record.state == states.UNHEALTHY:
+                            self.set_state(states.READY, "/health answers again")
+                        self._maybe_stable()
+                        continue
+                    failures += 1
+                    timeouts += status is None
+                    what = "no answer" if status is None else f"HTTP {status}"
+                    if failures >= d.health_failures:
+                        reason = "hang" if timeouts else "unhealthy"
+                        message = f"{failures} consecutive failed health checks (last: {what})"
+                        self.set_state(states.UNHEALTHY, message)
+                        return Failure(reason, message)
+                    log.info(
+                        "server %s: health check failed (%s), %d of %d",
+                        self.name,
+                        what,
+                        failures,
+                        d.health_failures,
+                    )
+        finally:
+            for task in pending:
+                task.cancel()
 
     def _maybe_stable(self) -> None:
         cfg = self.ctx.config().restart
@@ -496,7 +540,8 @@ class ServerSupervisor:
             f"{failure.reason}: {failure.message}; relaunch in {decision.delay_s:.2f} s "
             f"(attempt {decision.attempt})",
         )
-        await self._sleep_or_wake(decision.delay_s)
+        # The backoff counts from the failure: the cleanup above is part of the wait.
+        await self._sleep_or_wake(max(0.0, decision.delay_s - (time.time() - failure.at)))
 
     async def _stop_process(self, why: str, *, failed: bool = False) -> None:
         """Stop whatever is left of the process tree and wait until its port and GPU

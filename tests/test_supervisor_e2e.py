@@ -195,8 +195,10 @@ def test_daemon_sigkill_then_restart_adopts_servers(daemon_factory):
         s = d.wait_state(name, "ready")
         assert s["pid"] == pid, "adopted, not relaunched"
     assert _restarts(d, "a") == [] and _restarts(d, "b") == []
-    adopted = d.query("select server from events where kind='adopted'")
-    assert {r[0] for r in adopted} == {"a", "b"}
+    def adopted() -> set[str]:
+        return {r[0] for r in d.query("select server from events where kind='adopted'")}
+
+    wait_until(lambda: adopted() == {"a", "b"}, 10, f"adopted events, got {adopted()}")
 
 
 def test_daemon_sigterm_leaves_no_process(daemon_factory):

@@ -1,0 +1,217 @@
+"""Write the README's performance section from bench/results.json.
+
+The section between ``<!-- performance -->`` and ``<!-- /performance -->`` is
+generated, never edited by hand: a Markdown table of every row (ours against the
+seed policy, round robin and the SGLang router where those apply), the machine and
+the date, how to reproduce, and, under the table, each row where ours misses its
+target or is behind a comparison, with the reason the benchmark itself recorded.
+
+    .venv/bin/python bench/report.py            # rewrite the README section
+    .venv/bin/python bench/report.py --check    # exit 1 if the README is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results.json"
+README = ROOT / "README.md"
+BEGIN = "<!-- performance -->"
+END = "<!-- /performance -->"
+MARK = "⚠"
+
+COMPARISONS = (
+    ("seed_policy", "seed policy"),
+    ("round_robin", "round robin"),
+    ("sglang_router", "sglang-router"),
+)
+COLUMNS = ("scenario", "metric", "ours", "seed policy", "round robin", "sglang-router", "target")
+
+
+def fmt(value: Any) -> str:
+    """A number as a person reads it: thousands separated, about three significant
+    digits below 100; None as a dash."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 100:
+        value = int(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}".rstrip("0").rstrip(".")
+    return f"{value:.3g}"
+
+
+def fmt_target(target: str | None) -> str:
+    """``">= 10000"`` as ``">= 10,000"``; no target as a dash."""
+    if not target:
+        return "—"
+    op, _, number = target.strip().partition(" ")
+    value = float(number)
+    return f"{op} {fmt(int(value) if value.is_integer() else value)}"
+
+
+def _meets(value: float, target: str) -> bool:
+    op, _, number = target.strip().partition(" ")
+    bound = float(number)
+    return {
+        ">=": value >= bound,
+        ">": value > bound,
+        "<=": value <= bound,
+        "<": value < bound,
+    }[op]
+
+
+def problems(r: dict[str, Any]) -> list[str]:
+    """What is wrong with a row: a failed benchmark, a missed target, a comparison
+    that beats ours. Empty when the row is fine."""
+    ours = r.get("ours")
+    if ours is None:
+        return ["no result"]
+    found = []
+    target = r.get("target")
+    if target and not _meets(float(ours), target):
+        found.append(f"misses its target {target} {r.get('unit', '')}".rstrip())
+    better = r.get("better")
+    for key, label in COMPARISONS:
+        other = r.get(key)
+        if other is None or better not in ("higher", "lower"):
+            continue
+        behind = ours < other if better == "higher" else ours > other
+        if behind:
+            found.append(f"behind {label} ({fmt(other)}; {better} is better)")
+    return found
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render(results: dict[str, Any]) -> str:
+    """The Markdown that goes between the markers (markers excluded)."""
+    rows = results.get("rows", [])
+    lines = [
+        "Servers here are simulated SGLang servers (`python -m supervisord_ms.sim`) on "
+        "simulated GPUs (the `file:` GPU view): the numbers measure the supervisor, the API "
+        "and the selection policies, not SGLang or a model.",
+        "",
+        f"Machine: {results.get('machine', 'unknown')}. Date: {results.get('date', 'unknown')}. "
+        "Reproduce: `make bench` (every row, with its raw samples, is in "
+        "`bench/results.json`).",
+        "",
+        "| " + " | ".join(COLUMNS) + " | unit |",
+        "|---|---|---:|---:|---:|---:|---|---|",  # words left, numbers right
+    ]
+    flagged: list[tuple[dict[str, Any], list[str]]] = []
+    for r in rows:
+        issues = problems(r)
+        ours = fmt(r.get("ours"))
+        if issues:
+            ours = f"{ours} {MARK}"
+            flagged.append((r, issues))
+        cells = [
+            r.get("scenario", ""),
+            r.get("metric", ""),
+            ours,
+            fmt(r.get("seed_policy")),
+            fmt(r.get("round_robin")),
+            fmt(r.get("sglang_router")),
+            fmt_target(r.get("target")),
+            r.get("unit", ""),
+        ]
+        lines.append("| " + " | ".join(_cell(str(c)) for c in cells) + " |")
+    lines += [
+        "",
+        "— : does not apply. *seed policy*: the seed's rules (the fastest latest sample, "
+        "no memory or margin; re-select on one request slower than 2x the latency at "
+        "selection) replayed on the same trace. *round robin*: requests dealt in turn. "
+        "*sglang-router*: kept for a comparison with the SGLang router, not run yet.",
+    ]
+    if flagged:
+        heading = f"{MARK} Rows that miss their target or are behind a comparison, and why:"
+        lines += ["", heading, ""]
+        for r, issues in flagged:
+            why = r.get("note") or "the benchmark gave no reason"
+            lines.append(
+                f"- **{r.get('scenario')}** — {r.get('metric')}: ours {fmt(r.get('ours'))} "
+                f"{r.get('unit', '')}, {'; '.join(issues)}. Why: {why}"
+            )
+    return "\n".join(lines)
+
+
+def render_text(rows: list[dict[str, Any]]) -> str:
+    """A plain table for the terminal (run.py prints it)."""
+    head = ("scenario", "metric", "ours", "seed", "rr", "router", "target", "unit", "")
+    body = [
+        (
+            r.get("scenario", ""),
+            r.get("metric", ""),
+            fmt(r.get("ours")),
+            fmt(r.get("seed_policy")),
+            fmt(r.get("round_robin")),
+            fmt(r.get("sglang_router")),
+            fmt_target(r.get("target")),
+            r.get("unit", ""),
+            MARK if problems(r) else "",
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(len(head))]
+    widths[1] = min(widths[1], 70)
+
+    def line(cells: tuple) -> str:
+        out = []
+        for i, c in enumerate(cells):
+            text = str(c)
+            if len(text) > widths[i]:
+                text = text[: widths[i] - 1] + "…"
+            out.append(text.ljust(widths[i]) if i < 2 or i >= 6 else text.rjust(widths[i]))
+        return "  ".join(out).rstrip()
+
+    return "\n".join([line(head), *(line(b) for b in body)])
+
+
+def updated_readme(readme: str, section: str) -> str:
+    start = readme.find(BEGIN)
+    end = readme.find(END)
+    if start < 0 or end < start:
+        raise SystemExit(f"README has no {BEGIN} ... {END} section")
+    return readme[: start + len(BEGIN)] + "\n" + section + "\n" + readme[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 when the README section is out of date"
+    )
+    args = parser.parse_args(argv)
+    results = json.loads(args.results.read_text(encoding="utf-8"))
+    readme = args.readme.read_text(encoding="utf-8")
+    new = updated_readme(readme, render(results))
+    if args.check:
+        if new != readme:
+            print(f"{args.readme}: performance section differs from {args.results}")
+            return 1
+        print(f"{args.readme}: performance section matches {args.results}")
+        return 0
+    if new != readme:
+        args.readme.write_text(new, encoding="utf-8")
+        print(f"{args.readme}: performance section rewritten from {args.results}")
+    else:
+        print(f"{args.readme}: performance section already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
