@@ -9,7 +9,7 @@ Selection itself is delegated to the pure functions of :mod:`selector`.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from . import selector, states
@@ -26,6 +26,13 @@ EJECTION_THRESHOLD = 3
 # ejected); only a server this many times slower than the best loses its keys, so
 # probe noise on a busy host never moves a conversation (and its prefix cache).
 AFFINITY_MAX_RATIO = 10.0
+AFFINITY_CACHE_KEYS = 10_000
+
+
+# Bumped whenever a field that selection reads changes, so rankings are cached
+# between changes instead of recomputed for every /v1/best.
+_GENERATION = [0]
+_RANKING_FIELDS = frozenset({"config", "state", "estimate", "ejection"})
 
 
 @dataclass
@@ -46,6 +53,11 @@ class ServerRecord:
     samples_total: int = 0
     probe_failures_total: int = 0
     probe_slow_total: int = 0
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _RANKING_FIELDS:
+            _GENERATION[0] += 1
+        object.__setattr__(self, name, value)
 
     @property
     def name(self) -> str:
@@ -86,11 +98,47 @@ class ServerRecord:
         }
 
 
+@dataclass
+class _Ranking:
+    """One model size's ranking at one generation of the records."""
+
+    generation: int
+    valid_until: float  # monotonic time at which a timed decision falls due
+    incumbent: selector.Incumbent
+    ranked: list[str]  # eligible names, the incumbent first, then fastest first
+    latencies: dict[str, float | None]
+    _first_by_key: dict[str, str] = field(default_factory=dict)
+    _speed_order: list[str] | None = None
+
+    def for_key(self, key: str) -> list[str]:
+        """The key's server first, then the rest fastest first (as affinity_rank),
+        remembering each key's server for as long as this ranking lives."""
+        first = self._first_by_key.get(key)
+        if first is None:
+            order = selector.affinity_rank(
+                key, self.ranked, self.latencies, max_ratio=AFFINITY_MAX_RATIO
+            )
+            if not order:
+                return []
+            if len(self._first_by_key) >= AFFINITY_CACHE_KEYS:
+                self._first_by_key.clear()
+            self._first_by_key[key] = first = order[0]
+            return order
+        if self._speed_order is None:
+            measured = self.latencies
+            self._speed_order = sorted(
+                self.ranked,
+                key=lambda name: (measured.get(name) is None, measured.get(name) or 0.0),
+            )
+        return [first, *(name for name in self._speed_order if name != first)]
+
+
 class Registry:
     def __init__(self, config: Config):
         self.config = config
         self.servers: dict[str, ServerRecord] = {}
         self.incumbents: dict[str, selector.Incumbent] = {}
+        self._rankings: dict[str, _Ranking] = {}
         self.apply_config(config)
 
     # --- config -------------------------------------------------------------------
@@ -177,29 +225,48 @@ class Registry:
     def known_sizes(self) -> set[str]:
         return {s.model_size for s in self.config.servers}
 
-    def _candidates(self, model_size: str, mono: float, exclude: Iterable[str]):
-        skip = set(exclude)
-        return [
-            selector.Candidate(
-                name=r.name,
-                latency_s=r.estimate.value_s,
-                eligible=r.serving(mono) and r.name not in skip,
-            )
-            for r in self.servers.values()
-            if r.config.model_size == model_size
+    def _ranking(self, model_size: str, mono: float) -> _Ranking:
+        """The size's ranking, recomputed only when a record changed or a timed
+        decision (an ejection's end, a challenger's hold) falls due."""
+        cached = self._rankings.get(model_size)
+        if cached is not None and cached.generation == _GENERATION[0] and mono < cached.valid_until:
+            return cached
+        records = [r for r in self.servers.values() if r.config.model_size == model_size]
+        candidates = [
+            selector.Candidate(name=r.name, latency_s=r.estimate.value_s, eligible=r.serving(mono))
+            for r in records
         ]
-
-    def update_incumbent(self, model_size: str, mono: float | None = None) -> selector.Incumbent:
-        mono = time.monotonic() if mono is None else mono
+        hold_s = HYSTERESIS_HOLD_PROBES * self.probe_interval_s
         incumbent = selector.choose_best(
-            self._candidates(model_size, mono, ()),
+            candidates,
             self.incumbents.get(model_size, selector.Incumbent()),
             mono,
             margin=HYSTERESIS_MARGIN,
-            hold_s=HYSTERESIS_HOLD_PROBES * self.probe_interval_s,
+            hold_s=hold_s,
         )
         self.incumbents[model_size] = incumbent
-        return incumbent
+        due = [
+            r.ejection.ejected_until
+            for r in records
+            if r.ejection.ejected_until is not None and r.ejection.ejected_until > mono
+        ]
+        if incumbent.challenger_since is not None:
+            due.append(incumbent.challenger_since + hold_s)
+        ranked = selector.rank(candidates, incumbent)
+        latencies = {c.name: c.latency_s for c in candidates}
+        ranking = _Ranking(
+            generation=_GENERATION[0],
+            valid_until=min(due, default=float("inf")),
+            incumbent=incumbent,
+            ranked=ranked,
+            latencies=latencies,
+        )
+        self._rankings[model_size] = ranking
+        return ranking
+
+    def update_incumbent(self, model_size: str, mono: float | None = None) -> selector.Incumbent:
+        mono = time.monotonic() if mono is None else mono
+        return self._ranking(model_size, mono).incumbent
 
     def best(
         self,
@@ -210,19 +277,23 @@ class Registry:
         exclude: Sequence[str] = (),
         mono: float | None = None,
     ) -> list[ServerRecord]:
+        """Candidates best first. Excluding the incumbent (the caller saw it fail or
+        crawl) leaves the rest in speed order; ``key`` puts the key's own server first."""
         mono = time.monotonic() if mono is None else mono
-        incumbent = self.update_incumbent(model_size, mono)
-        candidates = self._candidates(model_size, mono, exclude)
-        if exclude and incumbent.name in set(exclude):
-            # The caller saw the incumbent fail or crawl: rank the rest without it.
-            incumbent = selector.Incumbent()
-        ranked = selector.rank(candidates, incumbent)
-        if key:
-            latencies = {c.name: c.latency_s for c in candidates}
-            ranked = selector.affinity_rank(
-                key, ranked, latencies, max_ratio=AFFINITY_MAX_RATIO
-            )
-        return [self.servers[name] for name in ranked[: max(1, n)]]
+        ranking = self._ranking(model_size, mono)
+        count = max(1, n)
+        if exclude:
+            skip = set(exclude)
+            names = [name for name in ranking.ranked if name not in skip]
+            if key:
+                names = selector.affinity_rank(
+                    key, names, ranking.latencies, max_ratio=AFFINITY_MAX_RATIO
+                )
+        elif key:
+            names = ranking.for_key(key)
+        else:
+            names = ranking.ranked
+        return [self.servers[name] for name in names[:count]]
 
     def counts_by_state(self) -> dict[str, int]:
         counts: dict[str, int] = {}

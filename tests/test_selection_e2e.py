@@ -95,7 +95,12 @@ def test_key_stays_on_its_server_and_only_a_failed_servers_keys_move(daemon_fact
         daemon={"probe_interval_s": 0.25},
     ).start()
     d.wait_all_ready()
-    wait_until(lambda: len(_best(d, n=3)) == 3, 10, "three candidates")
+    # Keys are placed over measured servers: wait until all three are measured.
+    wait_until(
+        lambda: all(s["latency_s"] for s in d.api("GET", "/v1/servers")["servers"]),
+        10,
+        "three measured candidates",
+    )
     keys = [f"conv-{i}" for i in range(30)]
     home = {k: _best(d, key=k)[0] for k in keys}
     assert len(set(home.values())) >= 2, home  # keys spread over servers
