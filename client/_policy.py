@@ -80,7 +80,14 @@ def expected_latency(
     if per is None:
         return None
     tokens = completion_tokens if completion_tokens and completion_tokens > 0 else benchmark_tokens
-    return (_positive(exp.ttft_s) or 0.0) + per * max(tokens, 1)
+    ttft = _positive(exp.ttft_s)
+    latency = _positive(exp.latency_s)
+    if ttft is None and latency is not None:
+        # Without a first-token estimate the fixed part of a request is unknown, and
+        # scaling a whole benchmark answer down to a 2-token answer would call every
+        # short request slow. A short answer may take what a benchmark answer takes.
+        return latency * max(1.0, tokens / max(benchmark_tokens, 1))
+    return (ttft or 0.0) + per * max(tokens, 1)
 
 
 def is_slow(

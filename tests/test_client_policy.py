@@ -176,3 +176,27 @@ def test_rendezvous_is_stable_and_moves_only_the_removed_servers_keys() -> None:
 )
 def test_demote(names: list[str], demoted: set[str], want: list[str]) -> None:
     assert demote(names, names, demoted) == want
+
+
+def test_short_answer_is_not_slow_when_the_first_token_estimate_is_unknown():
+    # Probes cut short by the early skip leave a latency but no ttft estimate; a
+    # 2-token answer taking most of a benchmark answer's time is not slow.
+    from ms_client._policy import Expectation, is_slow
+
+    expected = Expectation(latency_s=0.10, ttft_s=None, latency_per_token_s=None)
+    assert not is_slow(
+        latency_s=0.066,
+        ttft_s=0.062,
+        completion_tokens=2,
+        expected=expected,
+        growing_rate=2.0,
+        benchmark_tokens=16,
+    )
+    assert is_slow(
+        latency_s=0.25,
+        ttft_s=0.24,
+        completion_tokens=2,
+        expected=expected,
+        growing_rate=2.0,
+        benchmark_tokens=16,
+    )
