@@ -50,6 +50,19 @@ def _table(name: str, values: dict[str, Any]) -> list[str]:
     return [f"[{name}]", *(f"{k} = {_toml_value(v)}" for k, v in values.items()), ""]
 
 
+def sim_fault(port: int, mode: str, **extra: Any) -> None:
+    """Change a running simulated server's behaviour (``POST /sim/fault``)."""
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/sim/fault",
+        data=json.dumps({"mode": mode, **extra}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    urllib.request.urlopen(req, timeout=5).read()
+
+
 def wait_until(
     predicate: Callable[[], Any], timeout: float, message: str, interval: float = 0.05
 ) -> Any:
@@ -253,4 +266,11 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonUnderTest]]:
                 proc.kill()
 
 
-__all__ = ["ApiError", "DaemonUnderTest", "daemon_factory", "make_daemon", "wait_until"]
+__all__ = [
+    "ApiError",
+    "DaemonUnderTest",
+    "daemon_factory",
+    "make_daemon",
+    "sim_fault",
+    "wait_until",
+]

@@ -3,18 +3,16 @@ database produced by a real daemon run with injected faults (a SIGKILL and a han
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import signal
 import subprocess
-import urllib.request
 from pathlib import Path
 
 import pytest
 from conftest import free_port
-from daemon_harness import wait_until
+from daemon_harness import sim_fault, wait_until
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -52,12 +50,7 @@ def faulty_run_db(tmp_path_factory):
         wait_until(lambda: d.server("sim-8b-a")["pid"] not in (None, pid), 15, "relaunch")
         d.wait_state("sim-8b-a", "ready")
         port_b = d.server("sim-8b-b")["port"]
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{port_b}/sim/fault",
-            data=json.dumps({"mode": "hang"}).encode(),
-            method="POST",
-        )
-        urllib.request.urlopen(req, timeout=5).read()
+        sim_fault(port_b, "hang")
         pid_b = d.server("sim-8b-b")["pid"]
         wait_until(lambda: d.server("sim-8b-b")["pid"] not in (None, pid_b), 15, "hang relaunch")
         d.wait_state("sim-8b-b", "ready")

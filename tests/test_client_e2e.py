@@ -10,11 +10,10 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import pytest
 from conftest import free_port
-from daemon_harness import wait_until
+from daemon_harness import sim_fault, wait_until
 from ms_client import ModelServer, NoServerAvailable
 
 # Three 8B servers with clearly different speeds: a is the fastest.
@@ -31,17 +30,6 @@ def _servers():
         }
         for i, (n, ttft) in enumerate(SPEEDS.items())
     ]
-
-
-def _fault(d, name: str, mode: str, **extra) -> None:
-    port = d.server(name)["port"]
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/sim/fault",
-        data=json.dumps({"mode": mode, **extra}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    urllib.request.urlopen(req, timeout=5).read()
 
 
 @pytest.fixture
@@ -102,7 +90,7 @@ def test_sigkill_of_best_server_mid_stream_loses_no_request(fleet):
 def test_hung_server_costs_a_first_token_deadline_not_the_request_timeout(fleet):
     with _client(fleet) as llm:
         assert llm.get_completion("warm up", max_tokens=2).server == "a"
-        _fault(fleet, "a", "hang")
+        sim_fault(fleet.server("a")["port"], "hang")
         t0 = time.monotonic()
         c = llm.get_completion("are you there", max_tokens=4)
         elapsed = time.monotonic() - t0
@@ -162,7 +150,7 @@ def test_sustained_slowness_reselects_but_one_outlier_does_not(fleet):
     with _client(fleet) as llm:
         for _ in range(5):
             assert llm.get_completion("steady", max_tokens=4).server == "a"
-        _fault(fleet, "a", "slow", slow_factor=20)
+        sim_fault(fleet.server("a")["port"], "slow", slow_factor=20)
         served = [llm.get_completion("slow now", max_tokens=4).server for _ in range(8)]
     assert served[0] == "a"  # one slow answer is not enough to move
     assert served[-1] != "a", served

@@ -8,21 +8,10 @@ import os
 import socket
 import tempfile
 import time
-import urllib.request
 
 import psutil
 from conftest import free_port
-from daemon_harness import wait_until
-
-
-def _fault(port: int, mode: str, **extra) -> None:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/sim/fault",
-        data=json.dumps({"mode": mode, **extra}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    urllib.request.urlopen(req, timeout=5).read()
+from daemon_harness import sim_fault, wait_until
 
 
 def _best(d, **params) -> list[str]:
@@ -46,7 +35,7 @@ def test_fastest_first_then_replaced_after_a_3x_slowdown(daemon_factory):
     ).start()
     d.wait_all_ready()
     wait_until(lambda: _best(d)[:2] == ["a", "b"], 10, "a ranked first")
-    _fault(pa, "slow", slow_factor=3)
+    sim_fault(pa, "slow", slow_factor=3)
     t0 = time.monotonic()
     wait_until(lambda: _best(d)[0] == "b", 10, "b replaces the slowed a")
     rounds = (time.monotonic() - t0) / 0.25
@@ -81,10 +70,10 @@ def test_failing_server_is_ejected_and_comes_back(daemon_factory):
     ).start()
     d.wait_all_ready()
     wait_until(lambda: _best(d)[0] == "a", 10, "a first")
-    _fault(pa, "error")  # generations answer 500; /health still 200: ready but failing
+    sim_fault(pa, "error")  # generations answer 500; /health still 200: ready but failing
     wait_until(lambda: "a" not in _best(d), 10, "a ejected")
     assert d.server("a")["state"] == "ready" and d.server("a")["ejected"]
-    _fault(pa, "normal")
+    sim_fault(pa, "normal")
     wait_until(lambda: "a" in _best(d), 30, "a back after recovery")
 
 

@@ -3,32 +3,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import psutil
 import pytest
 from conftest import free_port
-from daemon_harness import wait_until
+from daemon_harness import sim_fault, wait_until
 
 from supervisord_ms.gpus import FileGpuView, file_gpu_register
-
-
-def _fault(port: int, mode: str, **extra) -> None:
-    body = json.dumps({"mode": mode, **extra}).encode()
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/sim/fault",
-        data=body,
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    urllib.request.urlopen(req, timeout=5).read()
 
 
 def _restarts(d, name):
@@ -109,7 +96,7 @@ def test_hang_is_detected_and_restarted_with_reason_hang(daemon_factory):
     port = free_port()
     d = daemon_factory([{"name": "a", "port": port, "gpus": [0]}]).start()
     old = d.wait_state("a", "ready")["pid"]
-    _fault(port, "hang")
+    sim_fault(port, "hang")
     wait_until(lambda: d.server("a")["pid"] not in (None, old), 15, "relaunch after hang")
     d.wait_state("a", "ready")
     assert [r[0] for r in _restarts(d, "a")] == ["hang"]
@@ -195,6 +182,7 @@ def test_daemon_sigkill_then_restart_adopts_servers(daemon_factory):
         s = d.wait_state(name, "ready")
         assert s["pid"] == pid, "adopted, not relaunched"
     assert _restarts(d, "a") == [] and _restarts(d, "b") == []
+
     def adopted() -> set[str]:
         return {r[0] for r in d.query("select server from events where kind='adopted'")}
 
