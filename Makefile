@@ -17,12 +17,15 @@ $(STAMP): setup.cfg pyproject.toml
 
 venv: $(STAMP)
 
-# The sqlite3 program and systemd-analyze are used by the tests (audit queries,
-# unit verification); install them from the distribution when they are missing.
+# The tests use the sqlite3 program (audit queries), systemd-analyze and
+# systemd-sysusers (unit checks) and curl (the API over the socket); install them
+# from the distribution when they are missing.
 system-deps:
-	@command -v sqlite3 >/dev/null 2>&1 && command -v systemd-analyze >/dev/null 2>&1 || \
-	  { echo "installing sqlite3 and systemd from the distribution"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sqlite3 systemd >/dev/null; }
+	@command -v sqlite3 >/dev/null 2>&1 && command -v systemd-analyze >/dev/null 2>&1 && \
+	  command -v systemd-sysusers >/dev/null 2>&1 && command -v curl >/dev/null 2>&1 || \
+	  { echo "installing sqlite3, systemd and curl from the distribution"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq sqlite3 systemd curl >/dev/null; }
 
 lint: venv
 	$(VENV)/bin/ruff check supervisord_ms client tests bench scripts

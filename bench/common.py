@@ -63,6 +63,9 @@ DEFAULT_RESTART = {
 }
 # Where run.py asks a benchmark to work (so it can find leftovers after a timeout).
 WORK_ENV = "MSBENCH_WORK_DIR"
+# Set on processes whose command line cannot name their folder (the SGLang router
+# retitles itself "sglang::router"): leftovers are found by this variable instead.
+FOLDER_ENV = "MSBENCH_FOLDER"
 
 
 # --- rows ----------------------------------------------------------------------------
@@ -78,6 +81,7 @@ def row(
     target: str | None = None,
     seed_policy: float | None = None,
     round_robin: float | None = None,
+    sglang_router: float | None = None,
     note: str | None = None,
 ) -> dict[str, Any]:
     if better not in ("higher", "lower"):
@@ -87,7 +91,7 @@ def row(
         "metric": metric,
         "unit": unit,
         "ours": ours,
-        "sglang_router": None,  # the peer router comparison is not run yet
+        "sglang_router": sglang_router,
         "seed_policy": seed_policy,
         "round_robin": round_robin,
         "target": target,
@@ -192,15 +196,22 @@ def exit_cleanly_on_sigterm() -> None:
 
 def kill_processes_naming(folder: Path | str, *, exclude: set[int] | None = None) -> list[int]:
     """Kill every process whose command line names ``folder`` (daemons and simulators
-    started for one benchmark carry its config and GPU-view paths). Returns their pids."""
+    started for one benchmark carry its config and GPU-view paths), or whose
+    ``MSBENCH_WORK_DIR`` / ``MSBENCH_FOLDER`` variable lies in it (what run.py and the
+    router launcher set). Returns their pids."""
     me = str(folder)
     skip = {os.getpid(), *(exclude or set())}
     found: list[psutil.Process] = []
-    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+    for proc in psutil.process_iter(["pid", "cmdline", "status", "environ"], ad_value=None):
         with contextlib.suppress(psutil.Error):
             if proc.pid in skip or proc.info["status"] == psutil.STATUS_ZOMBIE:
                 continue
-            if any(me in part for part in proc.info["cmdline"] or []):
+            env = proc.info["environ"] or {}
+            marked = any(
+                env.get(key, "") == me or env.get(key, "").startswith(me + os.sep)
+                for key in (WORK_ENV, FOLDER_ENV)
+            )
+            if marked or any(me in part for part in proc.info["cmdline"] or []):
                 found.append(proc)
     for proc in found:
         with contextlib.suppress(psutil.Error):
