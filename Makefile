@@ -39,8 +39,10 @@ test-all: venv system-deps
 demo: venv
 	$(PY) -m supervisord_ms.cli demo
 
+# bench/run.py installs the peer it compares with (sglang-router) into the venv.
 bench: venv system-deps
 	$(PY) bench/run.py
+	$(VENV)/bin/pytest -q -m slow tests/test_faults.py
 
 # Installs the daemon on a host: its own venv (Debian refuses a system-wide pip),
 # the unit, the modelserver user and group, and an example config (never overwritten).

@@ -96,6 +96,49 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _peer_legend(peer: dict[str, Any] | None) -> str:
+    """The legend's sentence on the SGLang router column."""
+    if not peer:
+        return "*sglang-router*: the SGLang router; not run yet."
+    if peer.get("install_error") or not peer.get("version"):
+        why = peer.get("install_error") or "not installed"
+        return f"*sglang-router*: the SGLang router, not measured in this run: {why}."
+    d = peer.get("defaults") or {}
+    settings = []
+    if "retry_max_retries" in d:
+        settings.append(
+            f"up to {d['retry_max_retries']} attempts per request with backoff from "
+            f"{d.get('retry_initial_backoff_ms')} ms"
+        )
+    if "cb_failure_threshold" in d:
+        settings.append(
+            f"a circuit breaker opening after {d['cb_failure_threshold']} failures for "
+            f"{d.get('cb_timeout_duration_secs')} s"
+        )
+    if "health_check_interval_secs" in d:
+        settings.append(
+            f"a /health check every {d['health_check_interval_secs']} s (timeout "
+            f"{d.get('health_check_timeout_secs')} s, {d.get('health_failure_threshold')} "
+            "failures to eject)"
+        )
+    if "request_timeout_secs" in d:
+        settings.append(f"a {d['request_timeout_secs']} s request timeout")
+    if "balance_abs_threshold" in d:
+        settings.append(
+            f"cache_aware load balancing from {d['balance_abs_threshold']} extra requests in "
+            f"flight (and {d.get('balance_rel_threshold')}x)"
+        )
+    told = "; ".join(settings) if settings else "its defaults"
+    return (
+        f"*sglang-router*: the SGLang router (`{peer.get('package', 'sglang-router')}` "
+        f"{peer['version']} from PyPI, a benchmark dependency that `make bench` installs), "
+        "on loopback in front of the same kind of fleet (the daemon supervising simulated "
+        f"servers), launched as `{peer.get('launch', 'python -m sglang_router.launch_router')}`"
+        f" with every other setting at its default: {told}. Ours is `ms_client.ModelServer` "
+        "with the daemon at the contract's defaults."
+    )
+
+
 def render(results: dict[str, Any]) -> str:
     """The Markdown that goes between the markers (markers excluded)."""
     rows = results.get("rows", [])
@@ -134,8 +177,13 @@ def render(results: dict[str, Any]) -> str:
         "— : does not apply. *seed policy*: the seed's rules (the fastest latest sample, "
         "no memory or margin; re-select on one request slower than 2x the latency at "
         "selection) replayed on the same trace. *round robin*: requests dealt in turn. "
-        "*sglang-router*: kept for a comparison with the SGLang router, not run yet.",
+        + _peer_legend(results.get("sglang_router")),
     ]
+    remarks = [r for r in rows if r.get("remark")]
+    if remarks:
+        lines += ["", "What the comparisons with the SGLang router showed:", ""]
+        for r in remarks:
+            lines.append(f"- **{r.get('scenario')}** — {_cell(str(r['remark']))}")
     if flagged:
         heading = f"{MARK} Rows that miss their target or are behind a comparison, and why:"
         lines += ["", heading, ""]

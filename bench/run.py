@@ -9,7 +9,14 @@ whatever of its process tree is still alive a minute later is killed.
     .venv/bin/python bench/run.py                       # everything (`make bench`)
     .venv/bin/python bench/run.py --only restart,scale  # a subset; other rows are kept
 
-Scenarios: store, sim, restart, hang, scale, decision, stability, affinity.
+Scenarios: store, sim, overhead, decision, failover_kill, failover_hang, failover_errors,
+failover_slow, restart, hang, stability, affinity, affinity_router, scale.
+
+The scenarios compared with the SGLang router need ``sglang-router`` (a benchmark
+dependency, never the product's): when it is missing from this interpreter's
+environment, it is installed first with ``python -m pip install sglang-router==VERSION``
+(see bench/router_peer.py). If that fails, those scenarios still measure ours, and their
+rows say why the router column is empty.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import report  # noqa: E402
+import router_peer  # noqa: E402
 from common import WORK_ENV, kill_processes_naming, machine, row  # noqa: E402
 
 PY = sys.executable
@@ -118,17 +126,28 @@ class Job:
     argv: list[str]
     timeout_s: float
     adapt: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None
+    needs_router: bool = False
+
+
+def _router_job(name: str, scenario: str, timeout_s: float) -> Job:
+    return Job(name, [PY, str(BENCH / "bench_router.py"), scenario], timeout_s, needs_router=True)
 
 
 JOBS = [
     Job("store", [PY, str(BENCH / "bench_store.py")], 180, _store_rows),
     Job("sim", [PY, str(BENCH / "bench_sim.py")], 120, _sim_rows),
+    _router_job("overhead", "overhead", 180),
+    Job("decision", [PY, str(BENCH / "bench_selection.py"), "decision"], 240),
+    _router_job("failover_kill", "failover_kill", 180),
+    _router_job("failover_hang", "failover_hang", 180),
+    _router_job("failover_errors", "failover_errors", 180),
+    _router_job("failover_slow", "failover_slow", 180),
     Job("restart", [PY, str(BENCH / "bench_supervisor.py"), "restart"], 240),
     Job("hang", [PY, str(BENCH / "bench_supervisor.py"), "hang"], 180),
-    Job("scale", [PY, str(BENCH / "bench_supervisor.py"), "scale"], 480),
-    Job("decision", [PY, str(BENCH / "bench_selection.py"), "decision"], 240),
     Job("stability", [PY, str(BENCH / "bench_selection.py"), "stability"], 120),
     Job("affinity", [PY, str(BENCH / "bench_selection.py"), "affinity"], 120),
+    _router_job("affinity_router", "affinity", 180),
+    Job("scale", [PY, str(BENCH / "bench_supervisor.py"), "scale"], 480),
 ]
 
 
@@ -164,10 +183,10 @@ def _failed(job: Job, why: str) -> dict[str, Any]:
     return row(job.name, "no result (the benchmark failed)", "", None, better="higher", note=why)
 
 
-def run_job(job: Job, work_root: Path) -> list[dict[str, Any]]:
+def run_job(job: Job, work_root: Path, extra_env: dict[str, str] | None = None) -> list[dict]:
     work = work_root / job.name
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, WORK_ENV: str(work), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, WORK_ENV: str(work), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     began = time.monotonic()
     proc = subprocess.Popen(
         job.argv,
@@ -216,7 +235,24 @@ def run_job(job: Job, work_root: Path) -> list[dict[str, Any]]:
         rows.append(_failed(job, f"exit status {proc.returncode}; last output: {tail}"))
     elif proc.returncode and job.adapt is None:
         rows.append(_failed(job, f"exit status {proc.returncode} after some rows: {tail}"))
+    for r in rows:
+        r["job"] = job.name  # which job's rerun replaces the row (see --only)
     return rows
+
+
+def _job_of(r: dict[str, Any]) -> str:
+    return r.get("job") or r.get("scenario", "")
+
+
+def _peer_info(install_error: str | None) -> dict[str, Any]:
+    """What the README says about the SGLang router: version, launch line, defaults."""
+    return {
+        "package": router_peer.ROUTER_PACKAGE,
+        "version": router_peer.installed_version(),
+        "launch": router_peer.launch_line(),
+        "defaults": router_peer.router_defaults(),
+        "install_error": install_error,
+    }
 
 
 # --- main -------------------------------------------------------------------------------
@@ -240,32 +276,44 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [j for j in JOBS if j.name in chosen]
 
     started = time.monotonic()
+    peer: dict[str, Any] | None = None
+    router_env: dict[str, str] = {}
+    if any(j.needs_router for j in jobs):
+        install_error = router_peer.ensure_installed(lambda line: print(line, flush=True))
+        if install_error:
+            print(f"sglang-router unavailable, ours is still measured: {install_error}")
+            router_env[router_peer.INSTALL_ERROR_ENV] = install_error
+        peer = _peer_info(install_error)
     work_root = Path(tempfile.mkdtemp(prefix="msbench-"))
     fresh: dict[str, list[dict[str, Any]]] = {}
     try:
         print(f"running {len(jobs)} benchmark(s) in {work_root}", flush=True)
         for job in jobs:
-            fresh[job.name] = run_job(job, work_root)
+            fresh[job.name] = run_job(job, work_root, router_env if job.needs_router else None)
     finally:
         kill_processes_naming(work_root)
         shutil.rmtree(work_root, ignore_errors=True)
 
     # A subset keeps the other scenarios' rows from the last full run.
-    previous: list[dict[str, Any]] = []
+    previous: dict[str, Any] = {}
     if args.only and args.results.exists():
         with contextlib.suppress(ValueError, OSError):
-            previous = json.loads(args.results.read_text(encoding="utf-8")).get("rows", [])
+            previous = json.loads(args.results.read_text(encoding="utf-8"))
     rows: list[dict[str, Any]] = []
     for name in names:
         if name in fresh:
             rows.extend(fresh[name])
         else:
-            rows.extend(r for r in previous if r.get("scenario") == name)
-    results = {
+            rows.extend(r for r in previous.get("rows", []) if _job_of(r) == name)
+    results: dict[str, Any] = {
         "machine": machine(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "rows": rows,
     }
+    if peer is None:
+        peer = previous.get("sglang_router")
+    if peer is not None:
+        results["sglang_router"] = peer
     args.results.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     print()
     print(report.render_text(rows))
