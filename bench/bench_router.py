@@ -70,6 +70,7 @@ from common import (  # noqa: E402
     work_dir,
 )
 from ms_client import ModelServer  # noqa: E402
+from ms_client._policy import MID_ANSWER_FLOOR_S  # noqa: E402
 from ms_client._transport import HttpTransport  # noqa: E402
 from router_peer import Router, RouterUnavailable  # noqa: E402
 
@@ -708,9 +709,10 @@ def _failover_remark(
             text += (
                 f"Unanswered at the cutoff: sent {-max(started):g} s before the fault, so "
                 f"already answering when the server hung (first token after "
-                f"{FAILOVER_TTFT_S:g} s); once an answer has started, the client waits up to "
-                "60 s (idle_timeout_s) for the next chunk before it retries the request "
-                "elsewhere. "
+                f"{FAILOVER_TTFT_S:g} s); once an answer has started, a whole-answer "
+                f"request waits {MID_ANSWER_FLOOR_S:g} s (or 100 tokens' usual time, if "
+                "longer) for the next chunk before it retries the request elsewhere, longer "
+                "than this window. "
             )
     if peer is None:
         return text + f"sglang-router not measured: {error}"

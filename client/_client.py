@@ -48,7 +48,14 @@ from ._exceptions import (
     StreamInterrupted,
 )
 from ._models import Completion, ServerInfo
-from ._policy import SLOW_WINDOW, demote, first_token_timeout, is_slow, should_reselect
+from ._policy import (
+    SLOW_WINDOW,
+    demote,
+    first_token_timeout,
+    is_slow,
+    mid_answer_timeout,
+    should_reselect,
+)
 from ._reporter import SampleReporter, reporter_for
 from ._sglang import APIS, AttemptFailed, Outcome, Request, stream_attempt
 from ._transport import DaemonClient, HttpTransport, SglangTransport
@@ -57,7 +64,7 @@ CANDIDATE_TTL_S = 1.0  # how long the daemon's answer is reused
 DAEMON_RETRY_S = 10.0  # after the daemon was unreachable, how long before asking again
 DEMOTE_S = 10.0  # a server that failed here is tried last for this long
 EXCLUDE_S = 30.0  # a server found repeatedly slow is excluded for this long
-DEFAULT_IDLE_TIMEOUT_S = 60.0  # the longest pause allowed once an answer has started
+DEFAULT_IDLE_TIMEOUT_S = 60.0  # the longest pause of a live stream once text was handed out
 
 
 class CompletionStream(Iterator[str]):
@@ -288,7 +295,12 @@ class ModelServer:
                 self._api,
                 req,
                 first_token_s=first_s,
-                idle_s=self._idle_s,
+                idle_s=mid_answer_timeout(
+                    server.expectation,
+                    benchmark_tokens=cfg.benchmark_max_tokens,
+                    live=live,
+                    cap_s=self._idle_s,
+                ),
                 total_s=cfg.request_timeout_s,
             )
             delivered = False

@@ -25,6 +25,11 @@ DEFAULT_FIRST_TOKEN_S = 5.0
 FIRST_TOKEN_FLOOR_S = 0.5
 # A hung server is told from a busy one by a clear multiple of its usual first token.
 FIRST_TOKEN_MULTIPLE = 4.0
+# A whole-answer request (nothing handed to the caller yet) whose stream stops
+# mid-answer for this long is retried elsewhere: SGLang sends a token every few
+# tens of milliseconds, and its own pauses (a long prefill next to it) last seconds.
+MID_ANSWER_FLOOR_S = 10.0
+MID_ANSWER_MULTIPLE = 100.0
 # Prefill time grows with the prompt; the benchmark that measured the usual first token
 # used a short one. Allow this much per prompt character (about 4 characters a token,
 # prefill at 2000 tokens/s: conservative for any GPU SGLang runs on).
@@ -116,6 +121,29 @@ def is_slow(
     if whole is None:
         return None
     return latency_s > growing_rate * whole
+
+
+def mid_answer_timeout(
+    expected: Expectation,
+    *,
+    benchmark_tokens: int,
+    live: bool,
+    cap_s: float,
+    floor_s: float = MID_ANSWER_FLOOR_S,
+    multiple: float = MID_ANSWER_MULTIPLE,
+) -> float:
+    """Seconds a started answer may pause before the server counts as hung.
+
+    A live stream has handed text to its caller and cannot move without an error, so
+    it gets the whole ``cap_s``; a whole-answer request can start again elsewhere
+    unseen, so a server that stalls mid-answer costs it ``multiple`` x the usual time
+    per token (at least ``floor_s``) instead of ``cap_s``.
+    """
+    if live:
+        return cap_s
+    per = expected_per_token(expected, benchmark_tokens)
+    stall = floor_s if per is None else max(floor_s, multiple * per)
+    return min(stall, cap_s)
 
 
 def should_reselect(

@@ -200,3 +200,21 @@ def test_short_answer_is_not_slow_when_the_first_token_estimate_is_unknown():
         growing_rate=2.0,
         benchmark_tokens=16,
     )
+
+
+@pytest.mark.parametrize(
+    ("per_token_s", "live", "expected_s"),
+    [
+        (None, False, 10.0),  # nothing known: the floor
+        (0.02, False, 10.0),  # 100 x 20 ms = 2 s is below the floor
+        (0.3, False, 30.0),  # a slow server gets 100 tokens' time
+        (1.0, False, 60.0),  # never more than the cap
+        (0.02, True, 60.0),  # a live stream cannot move unseen: the whole cap
+    ],
+)
+def test_mid_answer_timeout(per_token_s, live, expected_s):
+    from ms_client._policy import Expectation, mid_answer_timeout
+
+    exp = Expectation(latency_s=None, ttft_s=None, latency_per_token_s=per_token_s)
+    got = mid_answer_timeout(exp, benchmark_tokens=16, live=live, cap_s=60.0)
+    assert got == pytest.approx(expected_s)
