@@ -480,25 +480,20 @@ async def _samples(request: web.Request) -> web.Response:
     return _json({"accepted": len(samples)}, status=202)
 
 
-async def _latency(request: web.Request) -> web.Response:
-    ctx = _ctx(request)
-    server = request.query.get("server") or None
-    limit = _int_param(request, "limit", DEFAULT_HISTORY_LIMIT, 1, MAX_HISTORY_LIMIT)
-    if server is not None:
-        await _known_server_or_history(ctx, server)
-    # The store is thread-safe: a 10000-row read must not pause the event loop.
-    rows = await asyncio.to_thread(ctx.store.latency_samples, server=server, limit=limit)
-    return _json({"samples": rows})
+def _history_handler(read: str, field: str) -> Callable[[web.Request], Any]:
+    """GET /v1/latency and /v1/restarts: newest rows first, for one server or all."""
 
+    async def handler(request: web.Request) -> web.Response:
+        ctx = _ctx(request)
+        server = request.query.get("server") or None
+        limit = _int_param(request, "limit", DEFAULT_HISTORY_LIMIT, 1, MAX_HISTORY_LIMIT)
+        if server is not None:
+            await _known_server_or_history(ctx, server)
+        # The store is thread-safe: a 10000-row read must not pause the event loop.
+        rows = await asyncio.to_thread(getattr(ctx.store, read), server=server, limit=limit)
+        return _json({field: rows})
 
-async def _restarts(request: web.Request) -> web.Response:
-    ctx = _ctx(request)
-    server = request.query.get("server") or None
-    limit = _int_param(request, "limit", DEFAULT_HISTORY_LIMIT, 1, MAX_HISTORY_LIMIT)
-    if server is not None:
-        await _known_server_or_history(ctx, server)
-    rows = await asyncio.to_thread(ctx.store.restarts, server=server, limit=limit)
-    return _json({"restarts": rows})
+    return handler
 
 
 def _action_handler(action: str) -> Callable[[web.Request], Any]:
@@ -707,8 +702,8 @@ def build_app(ctx: ApiContext) -> web.Application:
     r.add_get("/v1/best", _best)
     r.add_get("/v1/sizes", _sizes)
     r.add_post("/v1/samples", _samples)
-    r.add_get("/v1/latency", _latency)
-    r.add_get("/v1/restarts", _restarts)
+    r.add_get("/v1/latency", _history_handler("latency_samples", "samples"))
+    r.add_get("/v1/restarts", _history_handler("restarts", "restarts"))
     for action in ("restart", "stop", "start"):
         r.add_post(f"/v1/servers/{{name}}/{action}", _action_handler(action))
     r.add_post("/v1/reload", _reload)

@@ -19,7 +19,6 @@ A fast subset runs with ``make test``; the rest is marked ``slow`` (``make test-
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -27,13 +26,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from typing import Any
 
 import psutil
 import pytest
 from conftest import free_port
-from daemon_harness import DaemonUnderTest, wait_until
+from daemon_harness import DaemonUnderTest, sim_fault, wait_until
 from ms_client import ModelServer, NoServerAvailable
 
 from supervisord_ms.gpus import FileGpuView, file_gpu_register
@@ -62,14 +60,6 @@ def _servers(**extra_args: list[str]) -> list[dict[str, Any]]:
     ]
 
 
-def _fault(port: int, mode: str, **extra: Any) -> None:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/sim/fault",
-        data=json.dumps({"mode": mode, **extra}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    urllib.request.urlopen(req, timeout=5).read()
 
 
 def _alive(pid: int) -> bool:
@@ -286,7 +276,7 @@ def test_hang_of_the_best_server_under_load(daemon_factory):
     watch = _start(d)
     with Load(d) as load:
         old = d.server("a")["pid"]
-        _fault(d.server("a")["port"], "hang")
+        sim_fault(d.server("a")["port"], "hang")
         load.more(20)  # requests go on elsewhere, each hung attempt costing a deadline
         assert "a" not in load.served_by(10)
         wait_until(lambda: d.server("a")["pid"] not in (None, old), 20, "a restarted")
@@ -333,7 +323,7 @@ def test_500s_from_the_best_server_under_load(daemon_factory):
     d = daemon_factory(_servers())
     watch = _start(d)
     with Load(d) as load:
-        _fault(d.server("a")["port"], "error")
+        sim_fault(d.server("a")["port"], "error")
         load.more(40)
         assert "a" not in load.served_by(20)
     assert audit(d, watch, load=load) == []  # errors are the client's business: no restart
@@ -344,7 +334,7 @@ def test_sustained_slowness_moves_the_load_without_losing_a_request(daemon_facto
     d = daemon_factory(_servers())
     watch = _start(d)
     with Load(d) as load:
-        _fault(d.server("a")["port"], "slow", slow_factor=20)
+        sim_fault(d.server("a")["port"], "slow", slow_factor=20)
         load.more(40)
         assert "a" not in load.served_by(15)
     assert audit(d, watch, load=load) == []
@@ -488,7 +478,7 @@ def test_every_server_failing_is_one_clear_error_not_a_hang(daemon_factory):
     d = daemon_factory(_servers(), daemon={"probe_interval_s": 5.0})
     watch = _start(d)
     for name in SPEEDS:
-        _fault(d.server(name)["port"], "error")
+        sim_fault(d.server(name)["port"], "error")
     with ModelServer("8B", config=str(d.config_path)) as llm:
         began = time.monotonic()
         with pytest.raises(NoServerAvailable) as err:
@@ -497,7 +487,7 @@ def test_every_server_failing_is_one_clear_error_not_a_hang(daemon_factory):
     assert len(err.value.attempts) == 3, err.value.attempts  # max_retry, each named
     assert {a.server for a in err.value.attempts} == set(SPEEDS)
     for name in SPEEDS:
-        _fault(d.server(name)["port"], "normal")
+        sim_fault(d.server(name)["port"], "normal")
     with ModelServer("8B", config=str(d.config_path)) as llm:
         assert llm.get_completion("back?", max_tokens=4).text
     assert audit(d, watch) == []
