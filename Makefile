@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 
 INSTALL_VENV ?= /opt/modelserverd
 INSTALL_EXTRAS ?=
+# The service user must be able to run this interpreter: the distribution's, not
+# one under a home directory.
+INSTALL_PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,7 +51,7 @@ bench: venv system-deps
 # the unit, the modelserver user and group, and an example config (never overwritten).
 install:
 	@test "$$(id -u)" = 0 || { echo "make install must run as root"; exit 1; }
-	$(PYTHON) -m venv $(INSTALL_VENV)
+	$(INSTALL_PYTHON) -m venv $(INSTALL_VENV)
 	$(INSTALL_VENV)/bin/pip install --quiet --upgrade pip
 	$(INSTALL_VENV)/bin/pip install --quiet ".$(INSTALL_EXTRAS)"
 	ln -sf $(INSTALL_VENV)/bin/modelserverd /usr/local/bin/modelserverd
@@ -59,7 +62,7 @@ install:
 	install -d -m 0755 /etc/modelserverd
 	test -e /etc/modelserverd/config.toml || install -m 0644 examples/config.toml /etc/modelserverd/config.toml
 	systemd-sysusers /usr/local/lib/sysusers.d/modelserverd.conf
-	systemctl daemon-reload
+	systemctl daemon-reload || echo "systemd is not running here: run 'systemctl daemon-reload' on the host"
 	@echo "next: edit /etc/modelserverd/config.toml; modelserverd check-config; systemctl enable --now modelserverd"
 
 clean:
