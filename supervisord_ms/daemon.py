@@ -157,6 +157,9 @@ class Daemon:
             loop.add_signal_handler(sig, handler)
 
         await self._start_supervisors(self.config.managed_servers, adopt=True)
+        for record in self.registry.servers.values():
+            if not record.config.is_managed:
+                self._save_unmanaged(record)
         prober = Prober(
             self.registry, self.writer, on_reachability=self._on_reachability, session=self.http
         )
@@ -203,9 +206,29 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload refused, the running config stays:\n%s", exc)
 
+    def _save_unmanaged(self, record: ServerRecord) -> None:
+        """Servers only probed here get a ``servers`` row too, so the table lists
+        every configured server with its last known state."""
+        c = record.config
+        self.writer.upsert_server(
+            {
+                "name": c.name,
+                "ip": c.ip,
+                "port": c.port,
+                "model_size": c.model_size,
+                "model_path": c.model_path,
+                "gpus": list(c.gpus),
+                "local": c.local,
+                "state": record.state,
+                "pid": None,
+                "pgid": None,
+            }
+        )
+
     def _on_reachability(self, record: ServerRecord, new_state: str, message: str) -> None:
         old = record.state
         record.state = new_state
+        self._save_unmanaged(record)
         level = logging.WARNING if new_state == states.UNREACHABLE else logging.INFO
         log.log(level, "server %s: %s -> %s (%s)", record.name, old, new_state, message)
         self.writer.add_event(

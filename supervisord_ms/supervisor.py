@@ -182,6 +182,7 @@ class ServerSupervisor:
                 self._wake.clear()
                 if req == "shutdown":
                     await self._stop_process("daemon shutting down")
+                    self.set_state(states.STOPPED, "daemon shut down")
                     return
                 if req == "restart" and (self.owned is None or not self.owned.alive()):
                     self.want_running = True

@@ -177,3 +177,18 @@ def test_non_admin_peer_gets_403_on_restart(daemon_factory):
     assert '"error"' in restart
     assert listing.startswith("HTTP/1.1 200")
     assert d.query("select count(*) from restarts")[0][0] == 0
+
+
+def test_servers_table_lists_unmanaged_servers_with_their_state(daemon_factory, sim_factory):
+    port = free_port()
+    sim_factory(port, "--sim-ttft-s", "0.01").wait_ready(20)
+    d = daemon_factory(
+        [{"name": "probed", "port": port, "managed": False}], daemon={"probe_interval_s": 0.25}
+    ).start()
+    d.wait_state("probed", "ready", 15)
+    wait_until(
+        lambda: d.query("select state, local, pid from servers where name='probed'")
+        == [("ready", 1, None)],
+        10,
+        "servers row of the probed server",
+    )
