@@ -38,7 +38,6 @@ Run: .venv/bin/python bench/bench_router.py overhead|failover_kill|...|affinity 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import http.client
 import json
@@ -62,10 +61,10 @@ import router_peer  # noqa: E402
 from common import (  # noqa: E402
     BenchDaemon,
     emit,
-    exit_cleanly_on_sigterm,
     free_ports,
     percentile,
     row,
+    run_scenarios,
     wait_for,
     work_dir,
 )
@@ -1133,13 +1132,7 @@ SCENARIOS: dict[str, Callable[[], None]] = {
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenarios", nargs="+", choices=list(SCENARIOS))
-    args = parser.parse_args()
-    exit_cleanly_on_sigterm()
-    for name in args.scenarios:
-        SCENARIOS[name]()
-    return 0
+    return run_scenarios(SCENARIOS, __doc__)
 
 
 if __name__ == "__main__":

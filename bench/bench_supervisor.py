@@ -21,7 +21,6 @@ Run: .venv/bin/python bench/bench_supervisor.py restart|hang|scale [...]
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -37,11 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     BenchDaemon,
     emit,
-    exit_cleanly_on_sigterm,
     free_ports,
     median,
     meets,
     row,
+    run_scenarios,
     to_unix,
     wait_for,
     work_dir,
@@ -370,13 +369,7 @@ SCENARIOS = {"restart": bench_restart, "hang": bench_hang, "scale": bench_scale}
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenarios", nargs="+", choices=sorted(SCENARIOS))
-    args = parser.parse_args()
-    exit_cleanly_on_sigterm()
-    for name in args.scenarios:
-        SCENARIOS[name]()
-    return 0
+    return run_scenarios(SCENARIOS, __doc__)
 
 
 if __name__ == "__main__":

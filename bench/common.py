@@ -20,6 +20,7 @@ process it left behind is found by the work folder named on its command line and
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -30,7 +31,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from daemon_harness import make_daemon  # noqa: E402
+from daemon_harness import wait_until as wait_for  # noqa: E402, F401 - shared with the tests
 
 from supervisord_ms.apiclient import DaemonUnreachable, call  # noqa: E402
 from supervisord_ms.store import parse_iso  # noqa: E402
@@ -234,17 +235,15 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def wait_for(
-    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
+def run_scenarios(scenarios: dict[str, Callable[[], Any]], doc: str | None) -> int:
+    """The command line every benchmark script shares: run the named scenarios."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("scenarios", nargs="+", choices=sorted(scenarios))
+    args = parser.parse_args()
+    exit_cleanly_on_sigterm()
+    for name in args.scenarios:
+        scenarios[name]()
+    return 0
 
 
 # --- a daemon under benchmark -------------------------------------------------------------
