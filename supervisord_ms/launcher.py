@@ -164,7 +164,8 @@ def decode_processes(value: str | list | None) -> list[OwnedProcess]:
 def group_members(pgid: int) -> list[OwnedProcess]:
     members = []
     for proc in psutil.process_iter(["pid"]):
-        with contextlib.suppress(psutil.Error):
+        # A process may exit between the listing and the look-up (ProcessLookupError).
+        with contextlib.suppress(psutil.Error, OSError):
             if os.getpgid(proc.pid) == pgid:
                 members.append(OwnedProcess(proc.pid, proc.create_time()))
     return members

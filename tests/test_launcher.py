@@ -574,3 +574,18 @@ def test_port_listener_pid_of_a_child(cleanup: Callable[[Any], Any], port: int):
     assert pid in (popen.pid, 0)
     if pid:
         assert psutil.Process(pid).cmdline()[:2] == [PY, "-c"]
+
+
+def test_group_members_ignores_a_process_that_exits_during_the_scan(monkeypatch):
+    # A process listed by psutil may be gone when its group is looked up.
+    real_getpgid = os.getpgid
+    own_group = os.getpgid(0)
+
+    def flaky_getpgid(pid: int) -> int:
+        if pid != os.getpid():
+            raise ProcessLookupError(3, "No such process")
+        return real_getpgid(pid)
+
+    monkeypatch.setattr(launcher.os, "getpgid", flaky_getpgid)
+    members = launcher.group_members(own_group)
+    assert [m.pid for m in members] == [os.getpid()]
