@@ -43,7 +43,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 from daemon_harness import make_daemon  # noqa: E402
 from daemon_harness import wait_until as wait_for  # noqa: E402, F401 - shared with the tests
 
-from supervisord_ms.apiclient import DaemonUnreachable, call  # noqa: E402
 from supervisord_ms.store import parse_iso  # noqa: E402
 
 # The daemon's defaults from the design contract; the benchmarks start from these,
@@ -275,7 +274,6 @@ class BenchDaemon:
             sim_args=sim_args,
             gpus=gpus,
         )
-        self.proc: subprocess.Popen | None = None
         self.stop_timeout = stop_timeout
 
     @property
@@ -292,58 +290,28 @@ class BenchDaemon:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.harness.proc
+
     def start(self, timeout: float = 60.0) -> BenchDaemon:
-        log = open(self.folder / "daemon.log", "ab")  # noqa: SIM115 - owned by the child
-        try:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "supervisord_ms.cli",
-                    "run",
-                    "--config",
-                    str(self.harness.config_path),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        finally:
-            log.close()
-        wait_for(self._answers, timeout, f"the daemon's socket {self.socket}\n{self.log()}")
+        self.harness.start(log_level="info", timeout=timeout, new_session=True)
         return self
 
-    def _answers(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
-        try:
-            call(self.socket, "GET", "/v1/status", timeout=5)
-            return True
-        except DaemonUnreachable:
-            return False
-
     def log(self) -> str:
-        with contextlib.suppress(OSError):
-            return (self.folder / "daemon.log").read_text(errors="replace")[-4000:]
-        return ""
+        return self.harness.log()
 
     def api(self, method: str, path: str, body: Any = None, timeout: float = 10) -> Any:
-        return call(self.socket, method, path, body, timeout=timeout)
+        return self.harness.api(method, path, body, timeout=timeout)
 
     def server(self, name: str) -> dict[str, Any]:
-        return self.api("GET", f"/v1/servers/{name}")
+        return self.harness.server(name)
+
+    def wait_state(self, name: str, state: str, timeout: float = 30) -> dict[str, Any]:
+        return self.harness.wait_state(name, state, timeout)
 
     def all_servers(self) -> list[dict[str, Any]]:
         return self.api("GET", "/v1/servers", timeout=30)["servers"]
-
-    def wait_state(self, name: str, state: str, timeout: float = 30) -> dict[str, Any]:
-        def check() -> dict[str, Any] | None:
-            s = self.server(name)
-            return s if s["state"] == state else None
-
-        return wait_for(check, timeout, f"{name} in state {state}\n{self.log()}", 0.02)
 
     def wait_all_ready(self, timeout: float) -> None:
         names = {s["name"] for s in self.servers}
@@ -354,13 +322,7 @@ class BenchDaemon:
         wait_for(ready, timeout, f"all {len(names)} servers ready\n{self.log()}", 0.5)
 
     def query(self, sql: str, *args: Any) -> list[tuple]:
-        import sqlite3
-
-        conn = sqlite3.connect(self.db, timeout=10)
-        try:
-            return conn.execute(sql, args).fetchall()
-        finally:
-            conn.close()
+        return self.harness.query(sql, *args)
 
     def event_time(self, server: str, new_state: str, after: float, timeout: float = 15) -> float:
         """Unix time of the first state change of ``server`` to ``new_state`` after

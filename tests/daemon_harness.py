@@ -100,26 +100,40 @@ class DaemonUnderTest:
     def gpu_file(self) -> str:
         return str(self.dir / "gpus.json")
 
-    def start(self, *, wait: bool = True, env: dict | None = None) -> DaemonUnderTest:
+    def start(
+        self,
+        *,
+        wait: bool = True,
+        env: dict | None = None,
+        log_level: str = "debug",
+        timeout: float = 20.0,
+        new_session: bool = False,
+    ) -> DaemonUnderTest:
+        """Spawn ``modelserverd run``; ``new_session`` lets a caller kill its whole
+        group (the benchmarks do), ``log_level`` keeps debug logging out of CPU figures."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "supervisord_ms.cli",
-                "run",
-                "--config",
-                str(self.config_path),
-                "--log-level",
-                "debug",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env or dict(os.environ),
-        )
-        log.close()
+        try:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "supervisord_ms.cli",
+                    "run",
+                    "--config",
+                    str(self.config_path),
+                    "--log-level",
+                    log_level,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env or dict(os.environ),
+                start_new_session=new_session,
+            )
+        finally:
+            log.close()
         if wait:
-            wait_until(self._answers, 20, f"daemon socket {self.socket}\n{self.log()}")
+            wait_until(self._answers, timeout, f"daemon socket {self.socket}\n{self.log()}")
         return self
 
     def _answers(self) -> bool:
@@ -137,8 +151,8 @@ class DaemonUnderTest:
         except FileNotFoundError:
             return ""
 
-    def api(self, method: str, path: str, body: Any = None) -> Any:
-        return call(self.socket, method, path, body, timeout=10)
+    def api(self, method: str, path: str, body: Any = None, timeout: float = 10) -> Any:
+        return call(self.socket, method, path, body, timeout=timeout)
 
     def server(self, name: str) -> dict:
         return self.api("GET", f"/v1/servers/{name}")
