@@ -181,7 +181,8 @@ class SimProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self._fail(f"sim pid {self.pid} exited with {self.proc.returncode} before ready")
-            if http_status(self.url + "/health", timeout=1) == 200:
+            # SGLang's /health looks for output once a second: give it more than 1 s.
+            if http_status(self.url + "/health", timeout=5) == 200:
                 return self
             time.sleep(0.02)
         self._fail(f"sim pid {self.pid} not ready within {timeout}s")

@@ -21,6 +21,20 @@ from collections.abc import Sequence
 from ..gpus import GpuError, file_gpu_register, file_gpu_unregister
 
 POLL_S = 0.1
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """SGLang's kill_itself_when_parent_died: the kernel SIGKILLs this process when
+    its parent exits (PR_SET_PDEATHSIG). Polling the parent pid stays as a fallback
+    where prctl is not available."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 def _log(index: int, message: str) -> None:
@@ -71,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             signal.signal(sig, on_signal)
+        _die_with_parent()
+        if os.getppid() != args.parent_pid:
+            return 0  # the parent died before the kernel could be told
 
     pid = os.getpid()
     gpus = [int(g) for g in args.gpus.split(",") if g.strip()]

@@ -13,7 +13,18 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .profiles import DEFAULT_PROFILE, PROFILES
+
 DEFAULT_MEM_FRACTION = 0.88
+# server_args.py computes --max-running-requests from GPU memory; a few hundred is
+# typical for an 8B model on one large GPU.
+DEFAULT_MAX_RUNNING = 256
+# The per-token time a full batch adds, as a share per other running request:
+# decode steps grow with the batch (more KV cache to read per step).
+DEFAULT_BATCH_SLOWDOWN = 0.01
+# managers/tokenizer_manager.py sigterm_watchdog: it looks every 5 s whether a
+# SIGTERM arrived and then whether the drain is over.
+DEFAULT_DRAIN_POLL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -26,16 +37,27 @@ class SimOptions:
     base_gpu_id: int
     mem_fraction_static: float
     served_model_name: str | None
+    max_running_requests: int
+    max_total_tokens: int | None
+    enable_metrics: bool
+    reasoning_parser: str | None
+    tool_call_parser: str | None
+    incremental_streaming_output: bool
+    profile: str
     startup_s: float
     warmup_s: float
     ttft_s: float
     token_latency_s: float
+    batch_slowdown: float
+    reasoning_tokens: int
+    drain_poll_s: float
     noise: float
     seed: int | None
     output_tokens: int
     slow_factor: float
     crash_after: int | None
     hang_after: int | None
+    hang_kind: str
     error_after: int | None
     error_rate: float
     exit_code: int
@@ -145,8 +167,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of each GPU held when --sim-gpu-mib is not given",
     )
     sg.add_argument("--served-model-name", default=None)
+    sg.add_argument(
+        "--max-running-requests",
+        type=_positive_int,
+        default=DEFAULT_MAX_RUNNING,
+        help="requests decoded together; the rest wait in the queue",
+    )
+    sg.add_argument(
+        "--max-total-tokens",
+        type=_positive_int,
+        default=None,
+        help="KV cache size in tokens (only reported as token_usage)",
+    )
+    sg.add_argument(
+        "--enable-metrics",
+        action="store_true",
+        help="serve /metrics (without it SGLang has no /metrics)",
+    )
+    sg.add_argument(
+        "--reasoning-parser",
+        default=None,
+        help="chat answers think first: delta.reasoning_content before delta.content",
+    )
+    sg.add_argument(
+        "--tool-call-parser",
+        default=None,
+        help="chat requests with tools are answered with delta.tool_calls",
+    )
+    sg.add_argument(
+        "--incremental-streaming-output",
+        action="store_true",
+        help="/generate stream chunks carry only the new text, not the text so far",
+    )
 
     sim = parser.add_argument_group("simulation knobs")
+    sim.add_argument(
+        "--sim-sglang-profile",
+        choices=sorted(PROFILES),
+        default=DEFAULT_PROFILE,
+        help="which SGLang generation to behave as (see supervisord_ms/sim/profiles.py)",
+    )
     sim.add_argument(
         "--sim-startup-s",
         type=_non_negative_float,
@@ -170,6 +230,24 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_float,
         default=0.005,
         help="time per output token",
+    )
+    sim.add_argument(
+        "--sim-batch-slowdown",
+        type=_non_negative_float,
+        default=DEFAULT_BATCH_SLOWDOWN,
+        help="per-token time grows by this share for each other running request",
+    )
+    sim.add_argument(
+        "--sim-reasoning-tokens",
+        type=_non_negative_int,
+        default=24,
+        help="with --reasoning-parser: tokens of reasoning before the answer",
+    )
+    sim.add_argument(
+        "--sim-drain-poll-s",
+        type=_positive_float,
+        default=DEFAULT_DRAIN_POLL_S,
+        help="after SIGTERM, how often the drain looks for the end (SGLang: 5 s)",
     )
     sim.add_argument(
         "--sim-noise",
@@ -203,8 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_int,
         default=None,
         metavar="N",
-        help="after N generation requests stop answering everything, /health included, "
-        "while the port stays open and accepts connections (0: hung from the start)",
+        help="after N generation requests the server hangs (0: hung from the start); "
+        "--sim-hang-kind says how",
+    )
+    sim.add_argument(
+        "--sim-hang-kind",
+        choices=("scheduler", "freeze"),
+        default="scheduler",
+        help="scheduler: the scheduler stops while the HTTP front answers (the usual "
+        "GPU/NCCL hang); freeze: the whole process is stopped (SIGSTOP)",
     )
     sim.add_argument(
         "--sim-error-after",
@@ -239,9 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--sim-children",
         type=_non_negative_int,
-        default=0,
+        default=None,
         metavar="N",
-        help="start N child processes (like SGLang's scheduler/detokenizer)",
+        help="child processes, like SGLang's schedulers (default: one per TP rank, "
+        "--tp-size); they hold the GPU memory, and one that dies takes the server down",
     )
     sim.add_argument(
         "--sim-children-survive",
@@ -287,22 +373,33 @@ def parse_options(argv: Sequence[str] | None = None) -> SimOptions:
         base_gpu_id=ns.base_gpu_id,
         mem_fraction_static=ns.mem_fraction_static,
         served_model_name=ns.served_model_name,
+        max_running_requests=ns.max_running_requests,
+        max_total_tokens=ns.max_total_tokens,
+        enable_metrics=ns.enable_metrics,
+        reasoning_parser=ns.reasoning_parser,
+        tool_call_parser=ns.tool_call_parser,
+        incremental_streaming_output=ns.incremental_streaming_output,
+        profile=ns.sim_sglang_profile,
         startup_s=ns.sim_startup_s,
         warmup_s=ns.sim_warmup_s,
         ttft_s=ns.sim_ttft_s,
         token_latency_s=ns.sim_token_latency_s,
+        batch_slowdown=ns.sim_batch_slowdown,
+        reasoning_tokens=ns.sim_reasoning_tokens,
+        drain_poll_s=ns.sim_drain_poll_s,
         noise=ns.sim_noise,
         seed=ns.sim_seed,
         output_tokens=ns.sim_output_tokens,
         slow_factor=ns.sim_slow_factor,
         crash_after=ns.sim_crash_after,
         hang_after=ns.sim_hang_after,
+        hang_kind=ns.sim_hang_kind,
         error_after=ns.sim_error_after,
         error_rate=ns.sim_error_rate,
         exit_code=ns.sim_exit_code,
         gpu_file=ns.sim_gpu_file,
         gpu_mib=ns.sim_gpu_mib,
-        children=ns.sim_children,
+        children=ns.tp_size if ns.sim_children is None else ns.sim_children,
         children_survive=ns.sim_children_survive,
         children_leave_group=ns.sim_children_leave_group,
         orphan_lifetime_s=ns.sim_orphan_lifetime_s,

@@ -1,11 +1,23 @@
-"""The simulated SGLang server: HTTP API, latency model, faults, GPU memory, children.
+"""The simulated SGLang server: HTTP front, faults, GPU memory, children, shutdown.
 
-Everything a test, benchmark or demo needs from an SGLang server without a GPU:
-the same paths and response shapes, a startup that refuses connections and then
-answers 503 before 200, answers whose latency follows time-to-first-token plus
-per-token time, and the ways real servers fail (crash, hang with the port open,
-500s, slowness, orphaned children holding GPU memory). Faults are set by flags
-at launch or by ``POST /sim/fault`` at run time.
+Everything a test, benchmark or demo needs from an SGLang server without a GPU,
+modelled on SGLang's source (python/sglang/srt/ in sgl-project/sglang; the
+version differences are in profiles.py, the links in docs/sglang.md):
+
+* the port refuses connections while weights load (``--sim-startup-s``), then the
+  front answers; /health per profile (``entrypoints/http_server.py``);
+* generation goes through a scheduler with finite capacity (scheduler.py);
+* response headers: ``/generate`` streams at once, chat streams at once (legacy) or
+  with the first chunk (current, PR #21900); the first chat chunk carries only the
+  role; reasoning and tool calls as their own deltas (``serving_chat.py``);
+* SIGTERM: /health answers 503, in-flight requests finish, then the process kills
+  its own tree with SIGKILL (``tokenizer_manager.py`` ``sigterm_watchdog``,
+  ``utils`` ``kill_process_tree``);
+* children, one per TP rank, hold the GPU memory; one that dies takes the server
+  down (the scheduler's SIGQUIT to its parent);
+* faults: crash, scheduler hang (front alive), freeze (SIGSTOP), busy (long queue,
+  healthy), child crash, 500s, an error chunk after a 200, slowness. Faults are set
+  by flags at launch or by ``POST /sim/fault`` at run time.
 
 Log lines are a contract that tests wait for:
 
@@ -17,6 +29,7 @@ Log lines are a contract that tests wait for:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -25,15 +38,22 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from .. import __version__
 from ..gpus import GpuError, file_gpu_register, file_gpu_unregister, read_file_gpu_view
 from . import BANNER
 from .options import DEFAULT_MEM_FRACTION, SimOptions, gpu_indexes, parse_options
+from .profiles import (
+    DEFAULT_HEALTH_CHECK_TIMEOUT_S,
+    HEALTH_CHECK_TIMEOUT_ENV,
+    HEALTH_GENERATION_ENV,
+    PROFILES,
+)
+from .scheduler import Busy, Scheduler, Timing
 
 FILLER_TEXT = (
     "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor "
@@ -45,9 +65,26 @@ PROMPT_OVERHEAD = 1  # a begin-of-sequence token
 CHAT_OVERHEAD = 3  # the assistant turn's header
 CHAT_MESSAGE_OVERHEAD = 4  # role markers around each message
 EOS_TOKEN_ID = 2
-STREAM_GROUP = 8  # tokens per chunk when tokens take no time
 CHILD_READY_TIMEOUT_S = 60.0
-FAULT_MODES = ("normal", "hang", "crash", "error", "slow", "unhealthy")
+# utils/watchdog.py SubprocessWatchdog (SGLang PR #18582): how often the main
+# process looks whether a child died.
+CHILD_WATCH_S = 1.0
+FAULT_MODES = (
+    "normal",
+    "scheduler_hang",
+    "hang",  # the usual hang: same as scheduler_hang
+    "freeze",
+    "busy",
+    "child_crash",
+    "crash",
+    "error",
+    "error_chunk",
+    "slow",
+    "unhealthy",
+)
+# The busy fault's defaults: a long queue ahead, a first token tens of seconds away.
+BUSY_QUEUED = 200
+BUSY_FIRST_TOKEN_S = 30.0
 JSON_TYPE = "application/json"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
@@ -125,12 +162,34 @@ class Simulator:
 
     def __init__(self, opts: SimOptions, gpus: Sequence[int] = (), gpu_mib: int = 0):
         self.opts = opts
+        self.profile = PROFILES[opts.profile]
         self.rng = random.Random(opts.seed)
         self.phase = "startup"
-        self.hung = opts.hang_after == 0
+        self.scheduler = Scheduler(
+            max_running=opts.max_running_requests,
+            max_total_tokens=opts.max_total_tokens,
+            timing=Timing(opts.ttft_s, opts.token_latency_s, opts.batch_slowdown, opts.noise),
+            rng=self.rng,
+        )
+        self.scheduler.slow_factor = opts.slow_factor
+        env = os.environ
+        self.health_check_timeout_s = _env_float(
+            HEALTH_CHECK_TIMEOUT_ENV, DEFAULT_HEALTH_CHECK_TIMEOUT_S
+        )
+        self.health_generation = env.get(HEALTH_GENERATION_ENV, "1").strip().lower() not in (
+            "0",
+            "false",
+            "no",
+            "off",
+        )
+        # tokenizer_manager.gracefully_exit: set by SIGTERM, /health then answers 503.
+        self.gracefully_exit = False
+        # tokenizer_manager.server_status == UnHealthy after a failed health check: a
+        # SIGTERM then exits without draining.
+        self.failed_health_check = False
         self.unhealthy = False
-        self.slow_factor = opts.slow_factor
         self.error_rate = opts.error_rate
+        self.error_chunk = False
         self.exit_code = opts.exit_code
         # One-shot triggers: each fires once, and mode "normal" clears them.
         self.crash_after = opts.crash_after
@@ -140,44 +199,56 @@ class Simulator:
         self.generation_requests = 0
         self.health_requests = 0
         self.errors_total = 0
-        self.in_flight = 0
+        self.in_flight = 0  # tokenizer_manager.rid_to_state: what a drain waits for
         self.prompt_tokens_total = 0
         self.completion_tokens_total = 0
         self.gpus = list(gpus)
         self.gpu_mib = gpu_mib
         self.children: list[int] = []
+        self.kill_tree: Callable[[str], None] = _exit_now
         self.started_at = time.time()
         self._never = asyncio.Event()
         self._texts: dict[int, str] = {}
         self._tokens = [FILLER[0]] + [" " + FILLER[i % len(FILLER)] for i in range(1, 512)]
         self._id_prefix = f"{os.getpid():x}"
+        self._gauges = (0, 0, 0.0)
+        if opts.hang_after == 0:
+            self.enter_hang("hung from the start (--sim-hang-after 0)")
 
     # --- state ------------------------------------------------------------------
 
     @property
     def mode(self) -> str:
-        if self.hung:
-            return "hang"
+        if self.scheduler.hung:
+            return "scheduler_hang"
         if self.crashing:
             return "crash"
         if self.unhealthy:
             return "unhealthy"
+        if self.scheduler.busy is not None:
+            return "busy"
+        if self.error_chunk:
+            return "error_chunk"
         if self.error_rate > 0:
             return "error"
-        if self.slow_factor != 1.0:
+        if self.scheduler.slow_factor != 1.0:
             return "slow"
         return "normal"
 
     def state(self) -> dict[str, Any]:
+        sched = self.scheduler
         return {
             "simulation": True,
             "note": BANNER,
             "pid": os.getpid(),
             "model": self.opts.model_name,
+            "profile": self.profile.name,
+            "sglang_version": self.profile.version,
             "phase": self.phase,
             "ready": self.phase == "ready",
+            "draining": self.gracefully_exit,
             "mode": self.mode,
-            "slow_factor": self.slow_factor,
+            "slow_factor": sched.slow_factor,
             "error_rate": self.error_rate,
             "exit_code": self.exit_code,
             "triggers": {
@@ -190,7 +261,10 @@ class Simulator:
                 "health": self.health_requests,
                 "errors": self.errors_total,
                 "in_flight": self.in_flight,
+                "running": len(sched.running),
+                "queued": len(sched.waiting),
             },
+            "max_running_requests": sched.max_running,
             "prompt_tokens_total": self.prompt_tokens_total,
             "completion_tokens_total": self.completion_tokens_total,
             "gpus": self.gpus,
@@ -200,10 +274,18 @@ class Simulator:
             "uptime_s": round(time.time() - self.started_at, 3),
         }
 
-    def enter_hang(self, why: str) -> None:
-        if not self.hung:
-            self.hung = True
-            log(f"hanging ({why}): no more answers, the port stays open (simulated)")
+    def enter_hang(self, why: str, kind: str = "scheduler") -> None:
+        if kind == "freeze":
+            log(f"freezing ({why}): the whole process stops (SIGSTOP, simulated)")
+            # Let the answer that caused it leave first; SIGCONT or SIGKILL ends it.
+            asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), signal.SIGSTOP)
+            return
+        if not self.scheduler.hung:
+            self.scheduler.hang()
+            log(
+                f"scheduler hung ({why}): the HTTP front answers, streams, load and "
+                "health checks get nothing (simulated)"
+            )
 
     async def hang(self) -> None:
         """Park the handler for good; shutdown cancels it."""
@@ -234,18 +316,19 @@ class Simulator:
 
     async def _admit(self) -> int | web.Response:
         """Apply the fault state to a new generation request: its sequence number, or
-        the answer to give instead."""
-        if self.hung or self.crashing:
-            await self.hang()
-        if self.phase != "ready":
-            return _error(503, "the server is still starting (simulated warm-up)", "Unavailable")
+        the answer to give instead. Requests are accepted while draining, as SGLang's
+        tokenizer manager does; only /health tells a balancer to stop sending."""
+        if self.crashing:
+            await self.hang()  # the process is about to exit
+        if self.phase not in ("warmup", "ready"):
+            return _error(503, "the server is still starting (simulated)", "Unavailable")
         if self.unhealthy:
             return _error(503, "the server is unhealthy (simulated)", "Unavailable")
         self.generation_requests += 1
         n = self.generation_requests
         if self.hang_after is not None and n > self.hang_after:
-            self.enter_hang(f"after {self.hang_after} generation requests")
-            await self.hang()
+            self.hang_after = None
+            self.enter_hang(f"after {n - 1} generation requests", self.opts.hang_kind)
         if self.crash_after is not None and n > self.crash_after:
             await self.hang()  # the process is about to exit
         if self.error_after is not None and n > self.error_after:
@@ -264,20 +347,16 @@ class Simulator:
         self.prompt_tokens_total += prompt_tokens
         self.completion_tokens_total += completion_tokens
         if self.hang_after is not None and n >= self.hang_after:
-            self.enter_hang(f"after {self.hang_after} generation requests")
+            self.hang_after = None
+            self.enter_hang(f"after {n} generation requests", self.opts.hang_kind)
         if self.crash_after is not None and n >= self.crash_after:
             self.crash(f"after {self.crash_after} generation requests")
-
-    def _timing(self) -> tuple[float, float]:
-        factor = self.slow_factor
-        noise = self.opts.noise
-        if noise:
-            factor *= self.rng.uniform(1.0 - noise, 1.0 + noise)
-        return self.opts.ttft_s * factor, self.opts.token_latency_s * factor
 
     def _length(self, max_tokens: int | None) -> tuple[int, bool]:
         """Tokens to answer and whether the request's limit cut the answer short."""
         n = self.opts.output_tokens
+        if self.opts.reasoning_parser:
+            n += self.opts.reasoning_tokens  # reasoning counts against max_tokens
         if max_tokens is not None and max_tokens < n:
             return max_tokens, True
         return n, False
@@ -296,47 +375,16 @@ class Simulator:
             return self._tokens[i]
         return " " + FILLER[i % len(FILLER)]
 
-    async def _paced(self, n: int, ttft: float, per_token: float) -> AsyncIterator[tuple[int, int]]:
-        """Token ranges in the rhythm of a real decode: token i is due at
-        ttft + i * per_token after the start; tokens that take no time come in groups."""
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        group = 1 if per_token > 0 else STREAM_GROUP
-        i = 0
-        while i < n:
-            delay = start + ttft + i * per_token - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if self.hung:
-                await self.hang()
-            end = min(n, i + group)
-            yield i, end
-            i = end
-        delay = start + ttft + n * per_token - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if self.hung:
-            await self.hang()
-
-    async def _sleep_latency(self, n: int) -> None:
-        ttft, per_token = self._timing()
-        total = ttft + n * per_token
-        if total > 0:
-            await asyncio.sleep(total)
-        if self.hung:
-            await self.hang()
-
     def _new_id(self, n: int) -> str:
         return f"{self._id_prefix}{n:08x}"
 
-    async def _stream_start(self, request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers=SSE_HEADERS)
-        await resp.prepare(request)
-        return resp
-
-    async def _stream_end(self, resp: web.StreamResponse) -> None:
-        await resp.write(SSE_DONE)
-        await resp.write_eof()
+    async def _tokens_paced(self, count: int) -> AsyncIterator[int]:
+        """Tokens done so far, as the scheduler produces them; an ``error_chunk``
+        fault ends the stream half way with :class:`_MidStreamError`."""
+        async for done in self.scheduler.generate(count):
+            if self.error_chunk and done >= max(1, count // 2):
+                raise _MidStreamError("simulated error after the answer had started")
+            yield done
 
     # --- generation endpoints -----------------------------------------------------
 
@@ -380,23 +428,36 @@ class Simulator:
                 }
 
             if body.get("stream"):
-                resp = await self._stream_start(request)
+                # http_server.py generate_request: a StreamingResponse, so the headers
+                # leave at once, before the first token (every version).
+                out = _Stream(request, defer_headers=False, openai=False)
+                await out.open()
+                incremental = self.opts.incremental_streaming_output
                 try:
-                    ttft, per_token = self._timing()
-                    async for _start, end in self._paced(count, ttft, per_token):
-                        chunk = {"text": self._text(0, end), "meta_info": meta(end, False)}
-                        await resp.write(_sse({**chunk, "index": 0}))
-                    final = {"text": self._text(0, count), "meta_info": meta(count, True)}
-                    await resp.write(_sse({**final, "index": 0}))
-                    await self._stream_end(resp)
+                    sent = 0
+                    async for done in self._tokens_paced(count):
+                        final = done >= count
+                        text = self._text(sent, done) if incremental else self._text(0, done)
+                        sent = done
+                        await out.send(
+                            _sse({"text": text, "meta_info": meta(done, final), "index": 0})
+                        )
+                    await out.close()
+                except _MidStreamError as exc:
+                    self.errors_total += 1
+                    await out.fail(str(exc))
+                    return out.response
                 except ConnectionError:
-                    return resp
+                    return out.response
                 self._finish(n, prompt_tokens, count)
-                return resp
-            await self._sleep_latency(count)
-            out = {"text": self._text(0, count), "meta_info": meta(count, True)}
+                return out.response
+            try:
+                await self.scheduler.tokens_all_at_once(count)
+            except _MidStreamError as exc:
+                return _error(500, str(exc), "InternalServerError")
+            result = {"text": self._text(0, count), "meta_info": meta(count, True)}
             self._finish(n, prompt_tokens, count)
-            return _json_response(out)
+            return _json_response(result)
         finally:
             self.in_flight -= 1
 
@@ -410,9 +471,12 @@ class Simulator:
                 CHAT_MESSAGE_OVERHEAD + _content_words(m.get("content")) for m in messages
             )
             max_tokens = _openai_max_tokens(body)
+            tool = _first_tool_name(body.get("tools"))
         except BadRequest as exc:
             return _error(400, str(exc), "BadRequestError")
-        return await self._openai(request, body, prompt_tokens, max_tokens, chat=True)
+        if not self.opts.tool_call_parser:
+            tool = None
+        return await self._openai(request, body, prompt_tokens, max_tokens, chat=True, tool=tool)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -423,6 +487,17 @@ class Simulator:
             return _error(400, str(exc), "BadRequestError")
         return await self._openai(request, body, prompt_tokens, max_tokens, chat=False)
 
+    def _answer_plan(self, count: int, chat: bool, tool: str | None) -> _Plan:
+        """How ``count`` tokens divide into reasoning, text and a tool call."""
+        reasoning = 0
+        if chat and self.opts.reasoning_parser:
+            reasoning = min(count, self.opts.reasoning_tokens)
+        answer = count - reasoning
+        arguments = None
+        if tool is not None and answer > 0:
+            arguments = json.dumps({"query": self._text(0, answer).strip()})
+        return _Plan(reasoning=reasoning, answer=answer, tool=tool, arguments=arguments)
+
     async def _openai(
         self,
         request: web.Request,
@@ -431,6 +506,7 @@ class Simulator:
         max_tokens: int | None,
         *,
         chat: bool,
+        tool: str | None = None,
     ) -> web.StreamResponse:
         admitted = await self._admit()
         if isinstance(admitted, web.Response):
@@ -439,7 +515,8 @@ class Simulator:
         self.in_flight += 1
         try:
             count, capped = self._length(max_tokens)
-            finish = "length" if capped else "stop"
+            plan = self._answer_plan(count, chat, tool)
+            finish = "length" if capped else ("tool_calls" if plan.arguments else "stop")
             rid = ("chatcmpl-" if chat else "cmpl-") + self._new_id(n)
             created = int(time.time())
             model = self.opts.model_name
@@ -448,71 +525,84 @@ class Simulator:
                 "completion_tokens": count,
                 "total_tokens": prompt_tokens + count,
             }
+            kind = "chat.completion.chunk" if chat else "text_completion"
+
+            def envelope(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+                obj = {"id": rid, "object": kind, "created": created, "model": model}
+                obj["choices"] = choices
+                obj.update(extra)
+                return _sse(obj)
+
             if body.get("stream"):
                 options = body.get("stream_options")
                 include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-                kind = "chat.completion.chunk" if chat else "text_completion"
-                resp = await self._stream_start(request)
-
-                def chunk(piece: str | None, reason: str | None, first: bool) -> bytes:
-                    if chat:
-                        delta: dict[str, Any] = {}
-                        if first:
-                            delta["role"] = "assistant"
-                        if piece is not None:
-                            delta["content"] = piece
-                        choice: dict[str, Any] = {"index": 0, "delta": delta}
-                    else:
-                        choice = {"index": 0, "text": piece or ""}
-                    choice["logprobs"] = None
-                    choice["finish_reason"] = reason
-                    return _sse(
-                        {
-                            "id": rid,
-                            "object": kind,
-                            "created": created,
-                            "model": model,
-                            "choices": [choice],
-                        }
-                    )
-
+                out = _Stream(
+                    request, defer_headers=self.profile.chat_headers_at_first_chunk, openai=True
+                )
+                await out.open()
                 try:
-                    ttft, per_token = self._timing()
-                    first = True
-                    async for start, end in self._paced(count, ttft, per_token):
-                        await resp.write(chunk(self._text(start, end), None, first))
-                        first = False
-                    await resp.write(chunk(None if chat else "", finish, first))
-                    if include_usage:
-                        await resp.write(
-                            _sse(
-                                {
-                                    "id": rid,
-                                    "object": kind,
-                                    "created": created,
-                                    "model": model,
-                                    "choices": [],
-                                    "usage": usage,
-                                }
+                    sent = 0
+                    async for done in self._tokens_paced(count):
+                        if chat and sent == 0:
+                            # serving_chat.py: the first output of a choice is announced
+                            # by a chunk that carries only the role.
+                            role = {"role": "assistant", "content": ""}
+                            await out.send(envelope([_choice(role, None)]))
+                        for delta in plan.deltas(self, sent, done, rid) if chat else ():
+                            await out.send(envelope([_choice(delta, None)]))
+                        if not chat:
+                            choice = {"index": 0, "text": self._text(sent, done)}
+                            await out.send(
+                                envelope([{**choice, "logprobs": None, "finish_reason": None}])
+                            )
+                        sent = done
+                    if chat:
+                        await out.send(envelope([_choice({}, finish)]))
+                    else:
+                        await out.send(
+                            envelope(
+                                [
+                                    {
+                                        "index": 0,
+                                        "text": "",
+                                        "logprobs": None,
+                                        "finish_reason": finish,
+                                    }
+                                ]
                             )
                         )
-                    await self._stream_end(resp)
+                    if include_usage:
+                        await out.send(envelope([], usage=usage))
+                    await out.close()
+                except _MidStreamError as exc:
+                    self.errors_total += 1
+                    await out.fail(str(exc))
+                    return out.response
                 except ConnectionError:
-                    return resp
+                    return out.response
                 self._finish(n, prompt_tokens, count)
-                return resp
-            await self._sleep_latency(count)
-            text = self._text(0, count)
+                return out.response
+            try:
+                await self.scheduler.tokens_all_at_once(count)
+            except _MidStreamError as exc:
+                return _error(500, str(exc), "InternalServerError")
             if chat:
+                message: dict[str, Any] = {"role": "assistant", "content": None}
+                if plan.arguments is None:
+                    message["content"] = self._text(plan.reasoning, count)
+                else:
+                    message["tool_calls"] = [plan.tool_call(rid, plan.arguments)]
+                if self.opts.reasoning_parser:
+                    message["reasoning_content"] = self._text(0, plan.reasoning)
+                choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+            else:
                 choice = {
                     "index": 0,
-                    "message": {"role": "assistant", "content": text},
+                    "text": self._text(0, count),
                     "logprobs": None,
                     "finish_reason": finish,
                 }
-            else:
-                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            out = {
+            result = {
                 "id": rid,
                 "object": "chat.completion" if chat else "text_completion",
                 "created": created,
@@ -521,34 +611,55 @@ class Simulator:
                 "usage": usage,
             }
             self._finish(n, prompt_tokens, count)
-            return _json_response(out)
+            return _json_response(result)
         finally:
             self.in_flight -= 1
 
     # --- health and information ---------------------------------------------------
 
-    async def health(self, request: web.Request) -> web.Response:
-        self.health_requests += 1
-        if self.hung or self.crashing:
-            await self.hang()
-        if self.phase != "ready" or self.unhealthy:
-            return web.Response(status=503)
-        return web.Response(status=200)
-
-    async def health_generate(self, request: web.Request) -> web.Response:
-        """SGLang answers this by generating one token, so slowness shows here too."""
-        resp = await self.health(request)
-        if resp.status == 200:
-            ttft, _ = self._timing()
-            if ttft > 0:
-                await asyncio.sleep(ttft)
-            if self.hung:
-                await self.hang()
-        return resp
-
     async def _answerable(self) -> None:
-        if self.hung or self.crashing:
+        if self.crashing:
             await self.hang()
+
+    async def health(self, request: web.Request) -> web.Response:
+        """Per profile (see profiles.py): a plain 200 from the front (legacy), or
+        SGLang's generating check (current)."""
+        self.health_requests += 1
+        await self._answerable()
+        if self.unhealthy:
+            return web.Response(status=503)
+        if not self.profile.health_generates:
+            # Legacy: /health is the front's plain 200 (even while warming up);
+            # /health_generate runs the generating check without the state checks.
+            if request.path == "/health":
+                return web.Response(status=200)
+            return web.Response(status=200 if await self._health_generate() else 503)
+        if self.gracefully_exit or self.phase != "ready":
+            return web.Response(status=503)
+        if not self.health_generation and request.path == "/health":
+            return web.Response(status=200)
+        return web.Response(status=200 if await self._health_generate() else 503)
+
+    async def _health_generate(self) -> bool:
+        """http_server.py health_generate: a one-token request, then a look once a
+        second for any output received since the check began."""
+        loop = asyncio.get_running_loop()
+        tic = time.monotonic()
+        probe = loop.create_task(self.scheduler.tokens_all_at_once(1))
+        try:
+            while time.monotonic() < tic + self.health_check_timeout_s:
+                await asyncio.sleep(1.0)
+                if self.scheduler.last_output > tic:
+                    self.failed_health_check = False
+                    return True
+        finally:
+            probe.cancel()
+        self.failed_health_check = True
+        log(
+            f"health check failed: no output from the scheduler for "
+            f"{self.health_check_timeout_s:g} s"
+        )
+        return False
 
     async def models(self, request: web.Request) -> web.Response:
         await self._answerable()
@@ -570,6 +681,7 @@ class Simulator:
         )
 
     async def model_info(self, request: web.Request) -> web.Response:
+        """Answered by the HTTP front alone: proof the front lives, not the scheduler."""
         await self._answerable()
         return _json_response(
             {
@@ -583,7 +695,10 @@ class Simulator:
         )
 
     async def server_info(self, request: web.Request) -> web.Response:
+        """Server arguments, the scheduler's internal state (so it waits for the
+        scheduler) and the version."""
         await self._answerable()
+        await self.scheduler.alive()
         o = self.opts
         return _json_response(
             {
@@ -595,10 +710,18 @@ class Simulator:
                 "nccl_port": o.nccl_port,
                 "base_gpu_id": o.base_gpu_id,
                 "mem_fraction_static": o.mem_fraction_static,
-                "version": f"modelserverd-sim-{__version__}",
+                "max_running_requests": o.max_running_requests,
+                "max_total_tokens": o.max_total_tokens,
+                "enable_metrics": o.enable_metrics,
+                "reasoning_parser": o.reasoning_parser,
+                "tool_call_parser": o.tool_call_parser,
+                "incremental_streaming_output": o.incremental_streaming_output,
+                "internal_states": [{"last_gen_throughput": 0.0}],
+                "version": self.profile.version,
                 "simulation": True,
                 "note": BANNER,
                 "sim": {
+                    "profile": self.profile.name,
                     "ttft_s": o.ttft_s,
                     "token_latency_s": o.token_latency_s,
                     "noise": o.noise,
@@ -610,8 +733,66 @@ class Simulator:
             }
         )
 
-    async def metrics(self, request: web.Request) -> web.Response:
+    async def get_load(self, request: web.Request) -> web.Response:
+        """The older load endpoint: one entry per data-parallel rank, asked of the
+        scheduler (so it waits while the scheduler is hung)."""
         await self._answerable()
+        load = await self.scheduler.load()
+        running, waiting = load["num_running_reqs"], load["num_waiting_reqs"]
+        return _json_response(
+            [
+                {
+                    "dp_rank": 0,
+                    "num_reqs": running + waiting,
+                    "num_waiting_reqs": waiting,
+                    "num_tokens": load["num_tokens"],
+                }
+            ]
+        )
+
+    async def v1_loads(self, request: web.Request) -> web.Response:
+        """The newer load endpoint (current profile; SGLang PR #16976), asked of the
+        scheduler like /get_load."""
+        await self._answerable()
+        if not self.profile.has_v1_loads:
+            return _error(404, "Not Found", "NotFoundError")
+        load = await self.scheduler.load()
+        now = _iso_now()
+        total = self.opts.max_total_tokens or 0
+        entry = {
+            "dp_rank": 0,
+            "timestamp": now,
+            "num_running_reqs": load["num_running_reqs"],
+            "num_waiting_reqs": load["num_waiting_reqs"],
+            "num_used_tokens": load["num_tokens"],
+            "num_total_tokens": load["num_tokens"],
+            "max_total_num_tokens": total,
+            "token_usage": load["token_usage"],
+            "gen_throughput": 0.0,
+            "cache_hit_rate": 0.0,
+            "utilization": load["token_usage"],
+            "max_running_requests": self.scheduler.max_running,
+        }
+        return _json_response(
+            {
+                "timestamp": now,
+                "version": self.profile.version,
+                "accelerator": "simulated",
+                "num_accelerators": len(self.gpus) or self.opts.tp_size,
+                "loads": [entry],
+            }
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Only with --enable-metrics. The front serves the gauges the scheduler last
+        wrote, so a hung scheduler's gauges go stale instead of going away."""
+        await self._answerable()
+        if not self.opts.enable_metrics:
+            return _error(404, "Not Found", "NotFoundError")
+        sched = self.scheduler
+        if not sched.hung:
+            self._gauges = (sched.num_running, sched.num_waiting, sched.token_usage)
+        running, queued, usage = self._gauges
         label = '{model_name="' + self.opts.model_name.replace('"', "'") + '"}'
         lines = [
             "# HELP sglang:num_requests_total Generation requests received (simulated).",
@@ -622,7 +803,11 @@ class Simulator:
             "# TYPE sglang:generation_tokens_total counter",
             f"sglang:generation_tokens_total{label} {self.completion_tokens_total}",
             "# TYPE sglang:num_running_reqs gauge",
-            f"sglang:num_running_reqs{label} {self.in_flight}",
+            f"sglang:num_running_reqs{label} {running}",
+            "# TYPE sglang:num_queue_reqs gauge",
+            f"sglang:num_queue_reqs{label} {queued}",
+            "# TYPE sglang:token_usage gauge",
+            f"sglang:token_usage{label} {usage}",
             "# HELP sim_errors_total Requests answered with a simulated error.",
             "# TYPE sim_errors_total counter",
             f"sim_errors_total {self.errors_total}",
@@ -657,12 +842,24 @@ class Simulator:
             code = body.get("exit_code")
             if code is not None and not (isinstance(code, int) and not isinstance(code, bool)):
                 raise BadRequest(f"exit_code must be an integer, got {code!r}")
+            queued = body.get("queued", BUSY_QUEUED)
+            if not (isinstance(queued, int) and not isinstance(queued, bool) and queued >= 0):
+                raise BadRequest(f"queued must be an integer >= 0, got {queued!r}")
+            first = body.get("first_token_s", BUSY_FIRST_TOKEN_S)
+            if not (_is_number(first) and first >= 0):
+                raise BadRequest(f"first_token_s must be a number >= 0, got {first!r}")
+            if mode == "child_crash" and not self.children:
+                raise BadRequest("child_crash needs children (--sim-children N, N >= 1)")
         except BadRequest as exc:
             return _error(400, str(exc), "BadRequestError")
 
+        sched = self.scheduler
         if mode == "normal":
             self.unhealthy = False
-            self.slow_factor = 1.0
+            self.error_chunk = False
+            sched.slow_factor = 1.0
+            sched.set_busy(None)
+            sched.resume()
             self.error_rate = 0.0
             self.crash_after = self.hang_after = self.error_after = None
         elif mode == "slow" and slow is None:
@@ -671,43 +868,176 @@ class Simulator:
             rate = 1.0
         elif mode == "unhealthy":
             self.unhealthy = True
+        elif mode == "error_chunk":
+            self.error_chunk = True
+        elif mode == "busy":
+            sched.set_busy(Busy(queued=queued, first_token_s=float(first)))
         if slow is not None:
-            self.slow_factor = float(slow)
+            sched.slow_factor = float(slow)
         if rate is not None:
             self.error_rate = float(rate)
         if code is not None:
             self.exit_code = code
         if mode is not None:
             log(f"fault mode -> {mode} (via /sim/fault)")
-        if mode == "hang":
-            answer = self.state()
-            answer["mode"] = "hang"
+        answer = self.state()
+        if mode in ("hang", "scheduler_hang"):
             self.enter_hang("via /sim/fault")
-            return _json_response(answer)
-        if mode == "crash":
-            answer = self.state()
+            answer["mode"] = "scheduler_hang"
+        elif mode == "freeze":
+            self.enter_hang("via /sim/fault", "freeze")
+            answer["mode"] = "freeze"
+        elif mode == "child_crash":
+            victim = self.children[0]
+            log(f"killing child pid {victim} (simulated scheduler crash)")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+            answer["mode"] = "child_crash"
+        elif mode == "crash":
             answer["mode"] = "crash"
             resp = _json_response(answer)
             await resp.prepare(request)
             await resp.write_eof()
             self.crash("via /sim/fault")
             return resp
-        return _json_response(self.state())
+        return _json_response(answer)
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/health", self.health)
-        app.router.add_get("/health_generate", self.health_generate)
+        app.router.add_get("/health_generate", self.health)
         app.router.add_post("/generate", self.generate)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/get_model_info", self.model_info)
         app.router.add_get("/get_server_info", self.server_info)
+        app.router.add_get("/get_load", self.get_load)
+        app.router.add_get("/v1/loads", self.v1_loads)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/sim/state", self.sim_state)
         app.router.add_post("/sim/fault", self.sim_fault)
         return app
+
+
+class _MidStreamError(Exception):
+    """The error_chunk fault: an error after the answer had started."""
+
+
+class _Stream:
+    """An SSE answer whose headers leave either at once or with its first chunk."""
+
+    def __init__(self, request: web.Request, *, defer_headers: bool, openai: bool):
+        self.request = request
+        self.defer = defer_headers
+        self.openai = openai
+        self.response = web.StreamResponse(headers=SSE_HEADERS)
+
+    async def open(self) -> None:
+        if not self.defer:
+            await self.response.prepare(self.request)
+
+    async def send(self, data: bytes) -> None:
+        if not self.response.prepared:
+            await self.response.prepare(self.request)
+        await self.response.write(data)
+
+    async def close(self) -> None:
+        await self.send(SSE_DONE)
+        await self.response.write_eof()
+
+    async def fail(self, message: str) -> None:
+        """serving_chat.py: an exception inside the stream becomes an error chunk
+        after the 200 (the status has left), then the stream ends."""
+        with contextlib.suppress(ConnectionError):
+            await self.send(_sse(_stream_error(message, self.openai)))
+            await self.close()
+
+
+def _stream_error(message: str, openai: bool) -> dict[str, Any]:
+    """serving_base.py create_streaming_error_response for the OpenAI routes;
+    http_server.py generate_request sends only the message."""
+    if not openai:
+        return {"error": {"message": message}}
+    return {
+        "error": {
+            "object": "error",
+            "message": message,
+            "type": "InternalServerError",
+            "param": None,
+            "code": 500,
+        }
+    }
+
+
+def _iso_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z"
+
+
+def _choice(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    reasoning: int  # the first tokens: reasoning_content
+    answer: int  # the rest: content, or a tool call's arguments
+    tool: str | None
+    arguments: str | None
+
+    def tool_call(self, rid: str, arguments: str) -> dict[str, Any]:
+        """The call as a whole answer has it, and as the first streamed piece starts it."""
+        return {
+            "index": 0,
+            "id": f"call_{rid[-8:]}",
+            "type": "function",
+            "function": {"name": self.tool, "arguments": arguments},
+        }
+
+    def deltas(self, sim: Simulator, sent: int, done: int, rid: str) -> list[dict[str, Any]]:
+        """The chat deltas for tokens ``sent..done``."""
+        out: list[dict[str, Any]] = []
+        if sent < self.reasoning:
+            out.append({"reasoning_content": sim._text(sent, min(done, self.reasoning))})
+        lo, hi = max(sent, self.reasoning) - self.reasoning, done - self.reasoning
+        if hi <= lo:
+            return out
+        if self.arguments is None:
+            out.append({"content": sim._text(lo + self.reasoning, hi + self.reasoning)})
+            return out
+        # The arguments leave in as many pieces as there are answer tokens.
+        size = len(self.arguments)
+        a, b = size * lo // self.answer, size * hi // self.answer
+        call: dict[str, Any] = {"index": 0, "function": {"arguments": self.arguments[a:b]}}
+        if lo == 0:
+            call = self.tool_call(rid, self.arguments[a:b])
+        out.append({"tool_calls": [call]})
+        return out
+
+
+def _first_tool_name(tools: Any) -> str | None:
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise BadRequest("tools must be a list of {type, function} objects")
+    for entry in tools:
+        fn = entry.get("function") if isinstance(entry, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if isinstance(name, str) and name:
+            return name
+    return None
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        return default
+
+
+def _exit_now(why: str) -> None:
+    os._exit(1)
 
 
 def _is_number(v: Any) -> bool:
@@ -739,24 +1069,53 @@ async def _wait(event: asyncio.Event, seconds: float) -> bool:
     return True
 
 
-async def serve(sim: Simulator) -> int:
-    """Startup phases, then serve until SIGTERM/SIGINT. Returns the exit code."""
+async def serve(sim: Simulator, children: Sequence[subprocess.Popen] = ()) -> int:
+    """Startup phases, then serve until SIGINT or the end of a SIGTERM drain.
+    Returns the exit code (a drained SIGTERM ends in SIGKILL, as in SGLang)."""
     opts = sim.opts
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
-    def on_stop(name: str) -> None:
-        log(f"{name} received, shutting down")
-        stop.set()
+    def kill_tree(why: str) -> None:
+        """utils.kill_process_tree(include_parent=True): SIGKILL every child, then
+        this process."""
+        log(f"{why}; killing the process tree (SIGKILL)")
+        for proc in children:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    sim.kill_tree = kill_tree
+
+    def on_sigterm() -> None:
+        if sim.phase == "startup":
+            log("SIGTERM received while loading; exiting")
+            stop.set()
+        elif not sim.gracefully_exit:
+            log("SIGTERM received; draining requests, then shutting down")
+            sim.gracefully_exit = True
 
     if opts.ignore_sigterm:
         loop.add_signal_handler(
             signal.SIGTERM, lambda: log("SIGTERM ignored (--sim-ignore-sigterm)")
         )
     else:
-        loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
-    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    loop.add_signal_handler(signal.SIGINT, lambda: (log("SIGINT received, stopping"), stop.set()))
+    background = [
+        loop.create_task(_sigterm_watchdog(sim)),
+        loop.create_task(_watch_children(sim, children)),
+    ]
+    try:
+        return await _serve_phases(sim, stop)
+    finally:
+        for task in background:
+            task.cancel()
 
+
+async def _serve_phases(sim: Simulator, stop: asyncio.Event) -> int:
+    opts = sim.opts
     if opts.startup_s > 0:
         log(f"loading (simulated) for {opts.startup_s:g}s; the port stays closed")
     if await _wait(stop, opts.startup_s):
@@ -775,9 +1134,12 @@ async def serve(sim: Simulator) -> int:
         await runner.cleanup()
         return 1
     sim.phase = "warmup"
-    log(f"pid={os.getpid()} listening on {_url(opts.host, opts.port)}")
+    log(
+        f"pid={os.getpid()} listening on {_url(opts.host, opts.port)} "
+        f"(SGLang {sim.profile.version}, profile {sim.profile.name})"
+    )
     if opts.warmup_s > 0:
-        log(f"warming up (simulated) for {opts.warmup_s:g}s; /health answers 503")
+        log(f"warming up (simulated) for {opts.warmup_s:g}s")
     if not await _wait(stop, opts.warmup_s):
         sim.phase = "ready"
         log("ready")
@@ -788,6 +1150,37 @@ async def serve(sim: Simulator) -> int:
     except asyncio.TimeoutError:
         pass
     return 0
+
+
+async def _sigterm_watchdog(sim: Simulator) -> None:
+    """tokenizer_manager.py sigterm_watchdog: look every few seconds whether a SIGTERM
+    came; then wait until no request is left (or exit at once when the last health
+    check failed), then kill the tree."""
+    poll = sim.opts.drain_poll_s
+    while not sim.gracefully_exit:
+        await asyncio.sleep(poll)
+    while True:
+        if sim.failed_health_check:
+            log(f"SIGTERM after a failed health check; exiting with {sim.in_flight} requests left")
+            break
+        if sim.in_flight == 0:
+            break
+        log(f"gracefully exiting: {sim.in_flight} requests left")
+        await asyncio.sleep(poll)
+    sim.kill_tree("drained after SIGTERM")
+
+
+async def _watch_children(sim: Simulator, children: Sequence[subprocess.Popen]) -> None:
+    """A scheduler child that dies takes the server down: SGLang's subprocess watchdog
+    sees a non-zero exit and SIGQUITs its own process, whose handler kills the tree
+    (a child that catches an exception sends that SIGQUIT itself)."""
+    while children:
+        await asyncio.sleep(CHILD_WATCH_S)
+        for proc in children:
+            code = proc.poll()
+            if code:
+                sim.kill_tree(f"child pid {proc.pid} exited ({code})")
+                return
 
 
 def _mib_for(opts: SimOptions, gpus: Sequence[int]) -> int:
@@ -916,7 +1309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sim.children = [p.pid for p in children]
     code = 1
     try:
-        code = asyncio.run(serve(sim))
+        code = asyncio.run(serve(sim, children))
     finally:
         _stop_children(children, opts.children_survive)
         if registered:
