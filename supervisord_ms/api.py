@@ -382,6 +382,19 @@ def _validate_sample(index: int, item: Any, known: Mapping[str, ServerRecord]) -
 # --- handlers -----------------------------------------------------------------------
 
 
+def server_json(record: ServerRecord, now: float | None = None) -> dict:
+    """The API's server object: the record's own fields, plus what the server says
+    about itself and its load (null while unknown: not reported yet, or an SGLang
+    without the endpoint)."""
+    data = record.to_json(now)
+    data["sglang_version"] = record.sglang_version
+    data["incremental_streaming_output"] = record.incremental_streaming_output
+    data["running"] = record.running
+    data["queued"] = record.queued
+    data["capacity"] = record.capacity
+    return data
+
+
 async def _status(request: web.Request) -> web.Response:
     ctx = _ctx(request)
     data = dict(ctx.status())
@@ -393,12 +406,12 @@ async def _status(request: web.Request) -> web.Response:
 async def _servers(request: web.Request) -> web.Response:
     ctx = _ctx(request)
     now = time.time()
-    return _json({"servers": [r.to_json(now) for r in ctx.registry.servers.values()]})
+    return _json({"servers": [server_json(r, now) for r in ctx.registry.servers.values()]})
 
 
 async def _server(request: web.Request) -> web.Response:
     ctx = _ctx(request)
-    return _json(_record(ctx, request.match_info["name"]).to_json())
+    return _json(server_json(_record(ctx, request.match_info["name"])))
 
 
 async def _best(request: web.Request) -> web.Response:
@@ -436,7 +449,7 @@ async def _best(request: web.Request) -> web.Response:
             f"no {size} server is ready right now{hint}; their states: "
             f"{', '.join(states_seen)}; `modelserverd status` shows why; retry shortly",
         )
-    return _json({"model_size": size, "candidates": [r.to_json(now) for r in candidates]})
+    return _json({"model_size": size, "candidates": [server_json(r, now) for r in candidates]})
 
 
 async def _sizes(request: web.Request) -> web.Response:

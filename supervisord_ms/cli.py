@@ -163,6 +163,8 @@ def run(config_path: str | None, log_level: str) -> None:
     faulthandler.enable()  # a watchdog SIGABRT prints every thread's stack to the journal
     setup_logging(getattr(logging, log_level.upper()))
     config = _load(config_path, local=True, exit_code=EXIT_RUN_CONFIG)
+    for warning in config.warnings:
+        logging.getLogger("modelserverd").warning("config: %s", warning)
     from .api import SocketInUse
     from .daemon import Daemon
 
@@ -184,6 +186,9 @@ def run(config_path: str | None, log_level: str) -> None:
 def check_config(config_path: str | None, as_json: bool) -> None:
     """Validate the config; print each local server's exact launch command.
 
+    Settings that are accepted but weaken health checking are printed on stderr
+    as "warning: ..." lines (and listed under "warnings" with --json).
+
     Example:
 
         modelserverd check-config --config /etc/modelserverd/config.toml
@@ -194,12 +199,15 @@ def check_config(config_path: str | None, as_json: bool) -> None:
     managed = config.managed_servers
     ports = allocate_nccl_ports(config.servers)
     launches = {s.name: build_launch(s, config.sglang, ports[s.name]) for s in managed}
+    for warning in config.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if as_json:
         click.echo(
             json.dumps(
                 {
                     "config": config.path,
                     "ok": True,
+                    "warnings": list(config.warnings),
                     "servers": [
                         {
                             "name": s.name,
@@ -243,7 +251,7 @@ def check_config(config_path: str | None, as_json: bool) -> None:
 @config_option
 @json_option
 def status(config_path: str | None, as_json: bool) -> None:
-    """One row per server: state, pid, uptime, latency, restarts in 24 h.
+    """One row per server: state, pid, uptime, SGLang version, latency, restarts in 24 h.
 
     Example:
 
@@ -286,6 +294,7 @@ def status(config_path: str | None, as_json: bool) -> None:
                 s["state"],
                 s.get("pid") or "-",
                 _duration(s.get("uptime_s")),
+                s.get("sglang_version") or "-",
                 _latency(s.get("latency_s")),
                 recent.get(s["name"], 0),
                 (s.get("last_error") or "")[:60],
@@ -300,6 +309,7 @@ def status(config_path: str | None, as_json: bool) -> None:
             "state",
             "pid",
             "uptime",
+            "version",
             "latency",
             "restarts24h",
             "last error",

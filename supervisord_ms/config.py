@@ -6,6 +6,10 @@ A bad config is refused whole: every problem is collected (not just the first)
 and reported as one line naming the file, the key path (``servers[2].gpus``),
 the bad value and what was expected, so an operator fixes everything in one
 edit instead of one restart per typo.
+
+Some settings are legal but weaken what the daemon can see; those become
+warnings (:attr:`Config.warnings`, same "file: key: ..." form), which
+``check-config`` prints and the daemon logs, and the config is still used.
 """
 
 from __future__ import annotations
@@ -30,6 +34,21 @@ DEFAULT_CONFIG_PATH = Path("/etc/modelserverd/config.toml")
 CONFIG_ENV_VAR = "MODELSERVERD_CONFIG"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 
+# SGLang's own health check (docs/sglang.md, section 1). Since PR #8444 (2025-07)
+# /health and /health_generate are one handler (entrypoints/http_server.py):
+# /health submits a one-token request, looks once a second for any output, and
+# answers 503 once SGLANG_HEALTH_CHECK_TIMEOUT seconds have passed without one;
+# the value is read once, with int(), default 20. Since PR #13320 (2025-11)
+# SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION (environ.py, an EnvBool, default true)
+# set false makes /health answer 200 at once without generating. Before #8444,
+# /health was a plain 200 and neither variable mattered to it.
+SGLANG_HEALTH_TIMEOUT_VAR = "SGLANG_HEALTH_CHECK_TIMEOUT"
+SGLANG_HEALTH_TIMEOUT_DEFAULT = 20
+SGLANG_HEALTH_GENERATION_VAR = "SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"
+# EnvBool's false spellings, compared lower-cased; a value it does not know keeps
+# the default (true), as "1", "true", "yes" and "y" do.
+_SGLANG_FALSE = frozenset({"false", "0", "no", "n"})
+
 
 class ConfigError(ModelServerdError):
     """Raised when a config file cannot be used; seen by operators at start,
@@ -49,8 +68,14 @@ class DaemonConfig:
     gpu_backend: str = "nvml"
     gpu_free_ratio: float = 0.9
     probe_interval_s: float = 5.0
-    health_timeout_s: float = 20.0
+    # Above SGLang's own /health wait (SGLANG_HEALTH_CHECK_TIMEOUT, 20 s): a check
+    # that gave up first would fail servers that are only slow. Validated below.
+    health_timeout_s: float = 30.0
     health_failures: int = 3
+    # A ready server whose scheduler has not answered a load query (/v1/loads,
+    # /get_load) for this long, while its process lives, is hung: SGLang's usual
+    # hang leaves the HTTP front answering and /health needs 20 s to notice.
+    hang_timeout_s: float = 10.0
     startup_timeout_s: float = 1800.0
     stop_timeout_s: float = 30.0
     retention_days: float = 14
@@ -121,6 +146,9 @@ class Config:
     sglang: SglangConfig = field(default_factory=SglangConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     servers: tuple[ServerConfig, ...] = ()
+    # "file: key: ..." lines about settings that are accepted but weaken health
+    # checking; check-config prints them, the daemon logs them on start and reload.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def server(self, name: str) -> ServerConfig | None:
         return next((s for s in self.servers if s.name == name), None)
@@ -239,6 +267,7 @@ SECTIONS: dict[str, dict[str, Check]] = {
         "probe_interval_s": _positive_number,
         "health_timeout_s": _positive_number,
         "health_failures": _int_at_least(1),
+        "hang_timeout_s": _positive_number,
         "startup_timeout_s": _positive_number,
         "stop_timeout_s": _positive_number,
         "retention_days": _positive_number,
@@ -305,9 +334,13 @@ class _Problems:
     def __init__(self, file: str):
         self.file = file
         self.items: list[str] = []
+        self.warnings: list[str] = []
 
     def add(self, message: str) -> None:
         self.items.append(f"{self.file}: {message}")
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(f"{self.file}: {message}")
 
     def bad(self, key: str, value: Any, expected: str) -> None:
         self.add(f"{key}: got {_show(value)}, expected {expected}")
@@ -388,7 +421,17 @@ def parse_config(
         )
 
     addresses = set(host_addresses) if host_addresses is not None else None
-    servers = _check_servers(problems, raw.get("servers", []), addresses)
+    indexed = _check_servers(problems, raw.get("servers", []), addresses)
+    health_timeout_s: float | None = daemon_values.get(
+        "health_timeout_s", DaemonConfig.health_timeout_s
+    )
+    raw_daemon = raw.get("daemon")
+    given = isinstance(raw_daemon, dict) and "health_timeout_s" in raw_daemon
+    if given and "health_timeout_s" not in daemon_values:
+        health_timeout_s = None  # given but refused (reported): nothing to compare
+    _check_sglang_health(
+        problems, health_timeout_s, sections.get("sglang", {}).get("env", {}), indexed
+    )
 
     if problems.items:
         raise ConfigError(problems.items)
@@ -398,17 +441,100 @@ def parse_config(
         restart=RestartConfig(**restart_values),
         sglang=SglangConfig(**_freeze(sections.get("sglang", {}))),
         client=ClientConfig(**sections.get("client", {})),
-        servers=tuple(servers),
+        servers=tuple(server for _, server in indexed),
+        warnings=tuple(problems.warnings),
     )
+
+
+def _sglang_timeout(value: str) -> int | None:
+    """SGLANG_HEALTH_CHECK_TIMEOUT as SGLang reads it (``int()``), None if it cannot."""
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+def _sglang_generates(value: str | None) -> bool:
+    """Whether /health generates, given SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION.
+    SGLang's EnvBool ignores a value it does not know and keeps its default (true)."""
+    return value is None or value.lower() not in _SGLANG_FALSE
+
+
+def _check_sglang_health(
+    problems: _Problems,
+    health_timeout_s: float | None,
+    sglang_env: Mapping[str, str],
+    indexed: list[tuple[int, ServerConfig]],
+) -> None:
+    """Our /health timeout against SGLang's own, for every server this host launches.
+
+    The supervisor's check gives up after ``health_timeout_s``; SGLang's /health
+    answers 503 after SGLANG_HEALTH_CHECK_TIMEOUT. Ours must be the longer one, or
+    a server that is slow but alive loses the race on every busy check and is
+    restarted for nothing. The SGLang timeout in effect is the server's ``env``,
+    else ``[sglang].env``, else 20 (the daemon's own environment is not looked at:
+    check-config runs from a shell, the daemon under systemd). Where /health does
+    not generate (SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION false) it answers at
+    once, so there is no race: that is a warning instead.
+    """
+    envs = [("sglang.env", sglang_env)]
+    envs += [(f"servers[{i}].env", server.env) for i, server in indexed]
+    for where, env in envs:
+        value = env.get(SGLANG_HEALTH_TIMEOUT_VAR)
+        if value is not None and _sglang_timeout(value) is None:
+            problems.bad(
+                f"{where}.{SGLANG_HEALTH_TIMEOUT_VAR}",
+                value,
+                'a whole number of seconds, e.g. "20" (SGLang reads it with int())',
+            )
+        flag = env.get(SGLANG_HEALTH_GENERATION_VAR)
+        if flag is not None and not _sglang_generates(flag):
+            problems.warn(
+                f"{where}.{SGLANG_HEALTH_GENERATION_VAR}: {_show(flag)} makes SGLang's /health "
+                "answer 200 without generating a token, so it cannot see a hung scheduler; "
+                "modelserverd then relies on its own scheduler check to find hangs"
+            )
+    if health_timeout_s is None:
+        return  # already reported as a bad value
+    # (SGLang timeout, where it comes from) -> names of the servers it is too long for
+    too_long: dict[tuple[int, str], list[str]] = {}
+    for i, server in indexed:
+        if not server.is_managed:
+            continue
+        flag = server.env.get(SGLANG_HEALTH_GENERATION_VAR)
+        if flag is None:
+            flag = sglang_env.get(SGLANG_HEALTH_GENERATION_VAR)
+        if not _sglang_generates(flag):
+            continue
+        if SGLANG_HEALTH_TIMEOUT_VAR in server.env:
+            value, source = server.env[SGLANG_HEALTH_TIMEOUT_VAR], f"from servers[{i}].env"
+        elif SGLANG_HEALTH_TIMEOUT_VAR in sglang_env:
+            value, source = sglang_env[SGLANG_HEALTH_TIMEOUT_VAR], "from sglang.env"
+        else:
+            value, source = str(SGLANG_HEALTH_TIMEOUT_DEFAULT), "SGLang's default"
+        timeout = _sglang_timeout(value)
+        if timeout is not None and health_timeout_s <= timeout:
+            too_long.setdefault((timeout, source), []).append(server.name)
+    for (timeout, source), names in too_long.items():
+        problems.bad(
+            "daemon.health_timeout_s",
+            health_timeout_s,
+            f"a number above {timeout}, the {SGLANG_HEALTH_TIMEOUT_VAR} of "
+            f"{', '.join(names)} ({source}): SGLang's /health waits that long for one "
+            "generated token before it answers 503, so a check that gives up sooner fails "
+            f"servers that are slow but alive; set health_timeout_s to {timeout + 10} or "
+            f"more, or lower {SGLANG_HEALTH_TIMEOUT_VAR}",
+        )
 
 
 def _check_servers(
     problems: _Problems, raw_servers: Any, addresses: set[str] | None
-) -> list[ServerConfig]:
+) -> list[tuple[int, ServerConfig]]:
+    """The valid servers, each with its index in the file (for messages)."""
     if not isinstance(raw_servers, list) or not all(isinstance(s, dict) for s in raw_servers):
         problems.bad("servers", raw_servers, "an array of tables, each written [[servers]]")
         return []
-    servers: list[ServerConfig] = []
+    servers: list[tuple[int, ServerConfig]] = []
     seen_names: dict[str, int] = {}
     seen_endpoints: dict[tuple[str, int], int] = {}
     gpu_owner: dict[int, int] = {}
@@ -462,7 +588,7 @@ def _check_servers(
                     f'{prefix}.model_path: got "{server.model_path}", which does not exist '
                     "on this host; expected the model's directory (or set managed = false)"
                 )
-        servers.append(server)
+        servers.append((i, server))
     return servers
 
 

@@ -53,6 +53,17 @@ class ServerRecord:
     samples_total: int = 0
     probe_failures_total: int = 0
     probe_slow_total: int = 0
+    # What the server says about itself (SGLang's /get_server_info): its release,
+    # and whether its /generate streams send only each chunk's new text (SGLang's
+    # --incremental-streaming-output) rather than the whole text so far.
+    sglang_version: str | None = None
+    incremental_streaming_output: bool | None = None
+    # Its load without generating (SGLang's /v1/loads or /get_load): requests
+    # running, requests waiting, at most this many at once; when last read (wall clock).
+    running: int | None = None
+    queued: int | None = None
+    capacity: int | None = None
+    load_checked_at: float | None = None
 
     def __setattr__(self, name: str, value: object) -> None:
         if name in _RANKING_FIELDS:

@@ -269,6 +269,18 @@ def m002_server_adoption(db: Database) -> None:
             db.execute(f"ALTER TABLE servers ADD COLUMN {column} {sqltype}")
 
 
+@migration
+def m003_sglang_version(db: Database) -> None:
+    """``servers.sglang_version``: the SGLang version a server reported (from its
+    ``/get_server_info``), so an operator can tell which servers run which release
+    when behaviour differs between versions. NULL until the server has answered.
+
+    Added only if missing, like m002, so a hand-added column does not stop the step.
+    """
+    if "sglang_version" not in db["servers"].columns_dict:
+        db.execute("ALTER TABLE servers ADD COLUMN sglang_version TEXT")
+
+
 SCHEMA_VERSION = len(MIGRATIONS)
 
 SERVER_COLUMNS = (
@@ -287,6 +299,7 @@ SERVER_COLUMNS = (
     "proc_create_time",
     "cmdline",
     "descendants",
+    "sglang_version",
 )
 _SERVER_JSON_COLUMNS = ("gpus", "cmdline", "descendants")
 _SERVER_TIME_COLUMNS = ("started_at", "updated_at")
@@ -855,10 +868,11 @@ class StoreWriter:
         """Insert or update the row of server ``row["name"]``.
 
         Only the columns given are changed, so the supervisor can update ``state``
-        and ``pid`` without restating the config. Lists (``gpus``, ``cmdline``,
-        ``descendants``) are stored as JSON, Unix times in ``started_at`` /
-        ``updated_at`` as ISO text; ``updated_at`` defaults to now. Unknown
-        columns raise ``ValueError`` at once, in the caller.
+        and ``pid`` (or ``sglang_version``, once the server reports it) without
+        restating the config. Lists (``gpus``, ``cmdline``, ``descendants``) are
+        stored as JSON, Unix times in ``started_at`` / ``updated_at`` as ISO text;
+        ``updated_at`` defaults to now. Unknown columns raise ``ValueError`` at
+        once, in the caller.
         """
         if not row.get("name"):
             raise ValueError("a server row needs a name")

@@ -351,6 +351,45 @@ def test_servers_and_one_server(api: ApiServer) -> None:
     assert "nope" in missing.error["message"]
 
 
+SELF_REPORT_KEYS = (
+    "sglang_version",
+    "incremental_streaming_output",
+    "running",
+    "queued",
+    "capacity",
+)
+
+
+def test_server_object_carries_version_and_load(api: ApiServer) -> None:
+    # Null while unknown: nothing reported yet.
+    for server in api.get("/v1/servers").json["servers"]:
+        assert {key: server[key] for key in SELF_REPORT_KEYS} == dict.fromkeys(SELF_REPORT_KEYS)
+
+    def report() -> None:
+        record = api.registry.servers["b"]
+        record.sglang_version = "0.5.4"
+        record.incremental_streaming_output = False
+        record.running, record.queued, record.capacity = 3, 1, 48
+        record.load_checked_at = 1_795_000_000.0
+
+    api.loop.call(report)
+    api.set_ready("b", 0.5)
+    expected = {
+        "sglang_version": "0.5.4",
+        "incremental_streaming_output": False,
+        "running": 3,
+        "queued": 1,
+        "capacity": 48,
+    }
+    one = api.get("/v1/servers/b").json
+    assert {key: one[key] for key in SELF_REPORT_KEYS} == expected
+    listed = {s["name"]: s for s in api.get("/v1/servers").json["servers"]}
+    assert {key: listed["b"][key] for key in SELF_REPORT_KEYS} == expected
+    assert listed["a"]["sglang_version"] is None
+    (best,) = api.get("/v1/best?model_size=8B&n=1").json["candidates"]
+    assert best["name"] == "b" and {key: best[key] for key in SELF_REPORT_KEYS} == expected
+
+
 def test_best_ranks_fastest_first_and_honours_n_key_exclude(api: ApiServer) -> None:
     api.set_ready("a", 0.9)
     api.set_ready("b", 0.3)

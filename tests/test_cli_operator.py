@@ -9,11 +9,15 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from conftest import free_port
 from daemon_harness import wait_until
 
+from supervisord_ms import cli as cli_module
 from supervisord_ms.logsetup import setup_logging
 
 
@@ -119,3 +123,136 @@ def test_journal_prefixes_when_under_systemd(monkeypatch):
     log.warning("server a: ready -> backoff")
     log.info("listening")
     assert stream.getvalue().splitlines() == ["<4>server a: ready -> backoff", "<6>listening"]
+
+
+# --- without a daemon: the status table's columns, check-config's output --------------
+
+SERVER_A = {
+    "name": "a",
+    "ip": "10.0.0.5",
+    "port": 30000,
+    "model_size": "8B",
+    "gpus": [0],
+    "local": False,
+    "state": "ready",
+    "pid": None,
+    "uptime_s": None,
+    "latency_s": 0.25,
+    "last_error": None,
+    "sglang_version": "0.5.4",
+}
+
+
+def _answers(servers: list[dict]) -> Any:
+    """A stand-in for the daemon's answers to what `status` asks."""
+
+    def api(config: Any, method: str, path: str, body: Any = None) -> Any:
+        if path == "/v1/status":
+            return {"version": "test", "pid": 1, "uptime_s": 5, "config_path": config.path}
+        if path == "/v1/servers":
+            return {"servers": [dict(s) for s in servers]}
+        assert path.startswith("/v1/restarts"), path
+        return {"restarts": []}
+
+    return api
+
+
+def _config_file(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return str(path)
+
+
+REMOTE = (
+    '[[servers]]\nname = "a"\nip = "10.0.0.5"\nport = 30000\nmodel_size = "8B"\nmodel_path = "/m"\n'
+)
+
+
+def test_status_shows_the_sglang_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    unknown = {**SERVER_A, "name": "b", "port": 30001, "sglang_version": None}
+    monkeypatch.setattr(cli_module, "_api", _answers([SERVER_A, unknown]))
+    config = _config_file(tmp_path, REMOTE)
+    result = CliRunner().invoke(cli_module.cli, ["status", "--config", config])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("NAME"))
+    assert header.split()[5:9] == ["PID", "UPTIME", "VERSION", "LATENCY"]
+    column = header.index("VERSION")
+    rows = {line.split()[0]: line for line in lines[lines.index(header) + 1 :]}
+    assert rows["a"][column:].split()[0] == "0.5.4"
+    assert rows["b"][column:].split()[0] == "-"
+
+    result = CliRunner().invoke(cli_module.cli, ["status", "--json", "--config", config])
+    servers = {s["name"]: s for s in json.loads(result.stdout)["servers"]}
+    assert servers["a"]["sglang_version"] == "0.5.4" and servers["b"]["sglang_version"] is None
+
+
+def _local_server(tmp_path: Path, **extra: str) -> str:
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    lines = [
+        "[[servers]]",
+        'name = "a"',
+        'ip = "127.0.0.1"',
+        "port = 30000",
+        'model_size = "8B"',
+        f'model_path = "{model}"',
+        "gpus = [0]",
+        *(f"{k} = {v}" for k, v in extra.items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def test_check_config_prints_warnings_and_the_default_flags(tmp_path: Path):
+    text = '[sglang.env]\nSGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION = "false"\n\n'
+    config = _config_file(tmp_path, text + _local_server(tmp_path))
+    warning = (
+        f'{config}: sglang.env.SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION: "false" makes '
+        "SGLang's /health answer 200 without generating a token, so it cannot see a hung "
+        "scheduler; modelserverd then relies on its own scheduler check to find hangs"
+    )
+    result = CliRunner().invoke(cli_module.cli, ["check-config", "--config", config])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [f"warning: {warning}"]
+    assert "OK, 1 servers (1 launched by this host)" in result.stdout
+    assert '"--enable-metrics", "--log-level-http", "warning"' in result.stdout
+
+    result = CliRunner().invoke(cli_module.cli, ["check-config", "--json", "--config", config])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["warnings"] == [warning]
+    (server,) = data["servers"]
+    argv = server["argv"]
+    assert argv[argv.index("--enable-metrics") :][:3] == [
+        "--enable-metrics",
+        "--log-level-http",
+        "warning",
+    ]
+
+
+def test_check_config_without_warnings(tmp_path: Path):
+    config = _config_file(
+        tmp_path, _local_server(tmp_path, extra_args='["--log-level-http", "info"]')
+    )
+    result = CliRunner().invoke(cli_module.cli, ["check-config", "--json", "--config", config])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    data = json.loads(result.stdout)
+    assert data["warnings"] == []
+    argv = data["servers"][0]["argv"]
+    assert argv.count("--log-level-http") == 1 and argv[-2:] == ["--log-level-http", "info"]
+
+
+def test_check_config_refuses_a_health_timeout_sglang_outlasts(tmp_path: Path):
+    text = "[daemon]\nhealth_timeout_s = 20.0\n\n" + _local_server(tmp_path)
+    config = _config_file(tmp_path, text)
+    result = CliRunner().invoke(cli_module.cli, ["check-config", "--config", config])
+    assert result.exit_code == cli_module.EXIT_CONFIG
+    assert result.stderr.splitlines() == [
+        "modelserverd: config refused (1 problem(s)):",
+        f"{config}: daemon.health_timeout_s: got 20.0, expected a number above 20, the "
+        "SGLANG_HEALTH_CHECK_TIMEOUT of a (SGLang's default): SGLang's /health waits that "
+        "long for one generated token before it answers 503, so a check that gives up sooner "
+        "fails servers that are slow but alive; set health_timeout_s to 30 or more, or lower "
+        "SGLANG_HEALTH_CHECK_TIMEOUT",
+    ]

@@ -418,6 +418,168 @@ def test_without_host_addresses_nothing_is_local(tmp_path: Path):
     assert config.managed_servers == ()
 
 
+# --- SGLang's own health check timeout (issue 10) -----------------------------------
+
+HEALTH_WHY = (
+    "SGLang's /health waits that long for one generated token before it answers 503, "
+    "so a check that gives up sooner fails servers that are slow but alive"
+)
+
+
+def local(tmp_path: Path, name: str, port: int = 30000, **keys: Any) -> str:
+    """A server this host launches (ip in LOCAL, model folder present)."""
+    return server(name=name, ip="127.0.0.1", port=port, model_path=str(tmp_path), **keys)
+
+
+def test_health_timeout_at_sglangs_default_is_refused(tmp_path: Path):
+    text = section("daemon", health_timeout_s=20.0) + local(tmp_path, "a", gpus=[0])
+    text += local(tmp_path, "b", port=30001, gpus=[1]) + server(name="remote")
+    assert one_problem(text, host_addresses=LOCAL) == (
+        f"{FILE}: daemon.health_timeout_s: got 20.0, expected a number above 20, "
+        f"the SGLANG_HEALTH_CHECK_TIMEOUT of a, b (SGLang's default): {HEALTH_WHY}; "
+        "set health_timeout_s to 30 or more, or lower SGLANG_HEALTH_CHECK_TIMEOUT"
+    )
+
+
+def test_health_timeout_below_sglang_env_is_refused(tmp_path: Path):
+    text = (
+        section("daemon", health_timeout_s=45)
+        + section("sglang.env", SGLANG_HEALTH_CHECK_TIMEOUT="60")
+        + local(tmp_path, "a", gpus=[0])
+    )
+    assert one_problem(text, host_addresses=LOCAL) == (
+        f"{FILE}: daemon.health_timeout_s: got 45, expected a number above 60, "
+        f"the SGLANG_HEALTH_CHECK_TIMEOUT of a (from sglang.env): {HEALTH_WHY}; "
+        "set health_timeout_s to 70 or more, or lower SGLANG_HEALTH_CHECK_TIMEOUT"
+    )
+
+
+def test_a_servers_env_overrides_sglang_env(tmp_path: Path):
+    # a's own value (10) is fine with 30 s; b inherits [sglang].env's 40, which is not.
+    text = (
+        section("sglang.env", SGLANG_HEALTH_CHECK_TIMEOUT="40")
+        + local(tmp_path, "a", gpus=[0], env={"SGLANG_HEALTH_CHECK_TIMEOUT": "10"})
+        + local(tmp_path, "b", port=30001, gpus=[1])
+        + local(tmp_path, "c", port=30002, gpus=[2], env={"SGLANG_HEALTH_CHECK_TIMEOUT": "35"})
+    )
+    assert problems_of(text, host_addresses=LOCAL) == [
+        f"{FILE}: daemon.health_timeout_s: got 30.0, expected a number above 40, "
+        f"the SGLANG_HEALTH_CHECK_TIMEOUT of b (from sglang.env): {HEALTH_WHY}; "
+        "set health_timeout_s to 50 or more, or lower SGLANG_HEALTH_CHECK_TIMEOUT",
+        f"{FILE}: daemon.health_timeout_s: got 30.0, expected a number above 35, "
+        f"the SGLANG_HEALTH_CHECK_TIMEOUT of c (from servers[2].env): {HEALTH_WHY}; "
+        "set health_timeout_s to 45 or more, or lower SGLANG_HEALTH_CHECK_TIMEOUT",
+    ]
+
+
+def test_health_timeout_above_sglangs_is_accepted(tmp_path: Path):
+    text = (
+        section("daemon", health_timeout_s=2.5)
+        + section("sglang.env", SGLANG_HEALTH_CHECK_TIMEOUT="2")
+        + local(tmp_path, "a", gpus=[0])
+    )
+    config = parse_config(text, FILE, host_addresses=LOCAL)
+    assert config.daemon.health_timeout_s == 2.5
+    assert config.warnings == ()
+    # The default is above SGLang's default.
+    config = parse_config(local(tmp_path, "a", gpus=[0]), FILE, host_addresses=LOCAL)
+    assert config.daemon.health_timeout_s == 30.0 and config.warnings == ()
+
+
+@pytest.mark.parametrize("addresses", [None, frozenset()])
+def test_health_timeout_does_not_concern_servers_launched_elsewhere(
+    tmp_path: Path, addresses: frozenset[str] | None
+):
+    # Remote servers are probed, not health-checked against SGLang's timeout; an
+    # unmanaged local one is not launched here either.
+    text = section("daemon", health_timeout_s=5.0) + local(tmp_path, "a", gpus=[0])
+    text += server(name="b", port=30001)
+    assert parse_config(text, FILE, host_addresses=addresses).daemon.health_timeout_s == 5.0
+    text = section("daemon", health_timeout_s=5.0) + local(tmp_path, "a", managed=False)
+    assert parse_config(text, FILE, host_addresses=LOCAL).servers[0].local
+
+
+def test_bad_health_timeout_is_reported_once(tmp_path: Path):
+    text = (
+        section("daemon", health_timeout_s=-1.0)
+        + section("sglang.env", SGLANG_HEALTH_CHECK_TIMEOUT="60")
+        + local(tmp_path, "a", gpus=[0])
+    )
+    message = one_problem(text, host_addresses=LOCAL)
+    assert message == f"{FILE}: daemon.health_timeout_s: got -1.0, expected a number > 0"
+
+
+@pytest.mark.parametrize("value", ["20s", "2.5", "", "twenty"])
+def test_sglang_health_timeout_must_be_whole_seconds(tmp_path: Path, value: str):
+    expected = 'a whole number of seconds, e.g. "20" (SGLang reads it with int())'
+    text = section("sglang.env", SGLANG_HEALTH_CHECK_TIMEOUT=value) + server()
+    assert one_problem(text) == (
+        f'{FILE}: sglang.env.SGLANG_HEALTH_CHECK_TIMEOUT: got "{value}", expected {expected}'
+    )
+    # In a server's env, whether or not this host launches it.
+    text = server(env={"SGLANG_HEALTH_CHECK_TIMEOUT": value})
+    assert one_problem(text, host_addresses=LOCAL) == (
+        f'{FILE}: servers[0].env.SGLANG_HEALTH_CHECK_TIMEOUT: got "{value}", expected {expected}'
+    )
+
+
+def generation_warning(key: str, value: str) -> str:
+    return (
+        f'{FILE}: {key}.SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION: "{value}" makes SGLang\'s '
+        "/health answer 200 without generating a token, so it cannot see a hung scheduler; "
+        "modelserverd then relies on its own scheduler check to find hangs"
+    )
+
+
+@pytest.mark.parametrize("value", ["0", "false", "False", "NO", "n"])
+def test_health_without_generation_is_a_warning(tmp_path: Path, value: str):
+    text = (
+        section("sglang.env", SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=value)
+        + local(tmp_path, "a", gpus=[0])
+        + server(name="b", env={"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": value})
+    )
+    config = parse_config(text, FILE, host_addresses=LOCAL)
+    assert config.warnings == (
+        generation_warning("sglang.env", value),
+        generation_warning("servers[1].env", value),
+    )
+    assert config == parse_config(text, FILE, host_addresses=LOCAL)  # warnings do not compare
+
+
+@pytest.mark.parametrize("value", ["1", "true", "yes", "Y", "off", " 0"])
+def test_health_with_generation_gives_no_warning(tmp_path: Path, value: str):
+    # "off" and " 0" are not EnvBool spellings: SGLang keeps its default, true.
+    text = section("sglang.env", SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=value)
+    config = parse_config(text + local(tmp_path, "a", gpus=[0]), FILE, host_addresses=LOCAL)
+    assert config.warnings == ()
+
+
+def test_without_generation_sglangs_timeout_does_not_apply(tmp_path: Path):
+    # /health answers at once when it does not generate: no race to refuse.
+    text = section("daemon", health_timeout_s=5.0) + local(
+        tmp_path, "a", gpus=[0], env={"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "0"}
+    )
+    config = parse_config(text, FILE, host_addresses=LOCAL)
+    assert config.warnings == (generation_warning("servers[0].env", "0"),)
+    # A server's own "1" turns generation back on, and SGLang's timeout with it.
+    text = (
+        section("daemon", health_timeout_s=5.0)
+        + section("sglang.env", SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION="0")
+        + local(tmp_path, "a", gpus=[0], env={"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "1"})
+        + local(tmp_path, "b", port=30001, gpus=[1])
+    )
+    message = one_problem(text, host_addresses=LOCAL)
+    assert message.startswith(f"{FILE}: daemon.health_timeout_s: got 5.0, expected a number above")
+    assert "the SGLANG_HEALTH_CHECK_TIMEOUT of a (SGLang's default)" in message
+
+
+def test_warnings_come_with_load_config(tmp_path: Path):
+    path = tmp_path / "c.toml"
+    path.write_text(section("sglang.env", SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION="0") + server())
+    (warning,) = load_config(path).warnings
+    assert warning.startswith(f"{path}: sglang.env.SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION: ")
+
+
 # --- several problems at once -------------------------------------------------------
 
 
@@ -520,7 +682,7 @@ def test_servers_only_file_gets_every_default():
     assert d.gpu_backend == "nvml"
     assert d.gpu_free_ratio == 0.9
     assert d.probe_interval_s == 5.0
-    assert d.health_timeout_s == 20.0
+    assert d.health_timeout_s == 30.0
     assert d.health_failures == 3
     assert d.startup_timeout_s == 1800.0
     assert d.stop_timeout_s == 30.0

@@ -157,7 +157,7 @@ def fake_report(log: Path) -> dict[str, Any]:
 @pytest.mark.parametrize("gpus", [(0,), (0, 1), tuple(range(8)), (3, 1)])
 def test_build_launch_argv(gpus: tuple[int, ...]):
     server = make_server(gpus, extra_args=("--mem-fraction-static", "0.85"))
-    sglang = SglangConfig(extra_args=("--log-level", "warning", "--enable-metrics"))
+    sglang = SglangConfig(extra_args=("--log-level", "warning"))
     spec = build_launch(server, sglang, nccl_port=41000)
     assert list(spec.argv) == [
         "python3",
@@ -173,14 +173,71 @@ def test_build_launch_argv(gpus: tuple[int, ...]):
         str(len(gpus)),
         "--nccl-port",
         "41000",
+        "--enable-metrics",
+        "--log-level-http",
+        "warning",
         "--log-level",
         "warning",
-        "--enable-metrics",
         "--mem-fraction-static",
         "0.85",
     ]
     assert "--tp" not in spec.argv
     assert spec.env == {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
+
+
+HEAD = ["--nccl-port", "1"]  # what precedes the default flags
+
+
+@pytest.mark.parametrize(
+    ("sglang_args", "server_args", "after_nccl_port"),
+    [
+        # Nothing given: both defaults.
+        ((), (), ["--enable-metrics", "--log-level-http", "warning"]),
+        # The user's own --log-level-http (either spelling, either section) stands alone.
+        (
+            ("--log-level-http", "info"),
+            (),
+            ["--enable-metrics", "--log-level-http", "info"],
+        ),
+        (
+            (),
+            ("--log-level-http=debug",),
+            ["--enable-metrics", "--log-level-http=debug"],
+        ),
+        # --enable-metrics given by the user is not repeated.
+        (
+            ("--enable-metrics",),
+            ("--log-level-http", "error"),
+            ["--enable-metrics", "--log-level-http", "error"],
+        ),
+        (
+            (),
+            ("--enable-metrics", "--mem-fraction-static", "0.8"),
+            ["--log-level-http", "warning", "--enable-metrics", "--mem-fraction-static", "0.8"],
+        ),
+        # Flags that only start alike are other flags: the defaults still come.
+        (
+            ("--log-level", "info", "--enable-metrics-for-all-schedulers"),
+            (),
+            [
+                "--enable-metrics",
+                "--log-level-http",
+                "warning",
+                "--log-level",
+                "info",
+                "--enable-metrics-for-all-schedulers",
+            ],
+        ),
+    ],
+)
+def test_default_flags_yield_to_the_users_own(
+    sglang_args: tuple[str, ...], server_args: tuple[str, ...], after_nccl_port: list[str]
+):
+    spec = build_launch(
+        make_server(extra_args=server_args), SglangConfig(extra_args=sglang_args), nccl_port=1
+    )
+    argv = list(spec.argv)
+    assert argv[argv.index("--nccl-port") :] == HEAD + after_nccl_port
 
 
 def test_cuda_visible_devices_joined_by_commas():

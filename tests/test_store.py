@@ -53,6 +53,7 @@ EXPECTED_COLUMNS = {
         ("proc_create_time", "REAL", 0),
         ("cmdline", "TEXT", 0),
         ("descendants", "TEXT", 0),
+        ("sglang_version", "TEXT", 0),
     ],
     "latency_samples": [
         ("id", "INTEGER", 1),
@@ -245,7 +246,7 @@ def test_iso_matches_the_standard_library(moment: datetime) -> None:
 
 def test_schema_from_blank(db_path: Path) -> None:
     with Store(db_path) as store:
-        assert store.schema_version == SCHEMA_VERSION == len(MIGRATIONS) == 2
+        assert store.schema_version == SCHEMA_VERSION == len(MIGRATIONS) == 3
     assert schema(db_path) == EXPECTED_COLUMNS
     assert indexes(db_path) == EXPECTED_INDEXES
     assert scalar(db_path, "PRAGMA user_version") == SCHEMA_VERSION
@@ -309,6 +310,68 @@ def test_migration_from_version_1_keeps_rows(db_path: Path, tmp_path: Path) -> N
     with Store(db_path) as store:
         assert store.schema_version == SCHEMA_VERSION
         assert len(store.servers()) == 1
+
+
+def build_version_2(path: Path) -> None:
+    """A database as the release before issue 10 left it: m001 and m002, with a
+    server row that a daemon wrote for adoption."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = Database(sqlite3.connect(path, isolation_level=None))
+    assert migrate(db, target=2) == 2
+    db.conn.execute(
+        "INSERT INTO servers (name, ip, port, gpus, local, state, pid, proc_create_time, "
+        "cmdline, descendants) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            *("a", "10.0.0.5", 30000, "[0]", 1, "ready", 42, 1234.5),
+            '["python3", "-m", "sglang.launch_server"]',
+            "[[43, 1235.0]]",
+        ),
+    )
+    db.conn.execute(
+        "INSERT INTO events (ts, server, kind, old_state, new_state) "
+        "VALUES ('2026-11-25T17:41:00.000Z', 'a', 'state', 'starting', 'ready')"
+    )
+    db.close()
+
+
+def test_migration_from_version_2_adds_sglang_version(
+    db_path: Path, tmp_path: Path, open_writer
+) -> None:
+    build_version_2(db_path)
+    assert scalar(db_path, "PRAGMA user_version") == 2
+    assert "sglang_version" not in [c[0] for c in schema(db_path)["servers"]]
+
+    with Store(db_path) as store:
+        assert store.schema_version == SCHEMA_VERSION == 3
+        (server,) = store.servers()
+        assert server["sglang_version"] is None
+        assert server["pid"] == 42 and server["proc_create_time"] == 1234.5
+        assert server["cmdline"] == ["python3", "-m", "sglang.launch_server"]
+        assert server["descendants"] == [[43, 1235.0]]
+        assert store.events()[0]["new_state"] == "ready"
+    blank = tmp_path / "blank.db"
+    Store(blank).close()
+    assert schema(db_path) == schema(blank) == EXPECTED_COLUMNS
+    assert indexes(db_path) == indexes(blank)
+
+    # The new column takes writes like the others, without touching the rest of the row.
+    writer = open_writer()
+    writer.upsert_server({"name": "a", "sglang_version": "0.5.4"})
+    assert writer.flush()
+    with Store(db_path) as store:
+        (server,) = store.servers()
+    assert server["sglang_version"] == "0.5.4" and server["pid"] == 42
+
+
+def test_migration_3_tolerates_a_column_added_by_hand(db_path: Path) -> None:
+    build_version_2(db_path)
+    conn = sqlite3.connect(db_path)
+    conn.execute("ALTER TABLE servers ADD COLUMN sglang_version TEXT")
+    conn.commit()
+    conn.close()
+    with Store(db_path) as store:
+        assert store.schema_version == SCHEMA_VERSION
+    assert schema(db_path) == EXPECTED_COLUMNS
 
 
 def test_migrate_is_idempotent(db_path: Path) -> None:
@@ -590,6 +653,7 @@ def test_upsert_server_updates_only_given_columns(db_path: Path, open_writer) ->
             "cmdline": ["python3", "-m", "sglang.launch_server"],
             "descendants": [101, 102],
             "proc_create_time": 1234.5,
+            "sglang_version": "0.5.4",
         }
     )
     writer.upsert_server({"name": "a", "state": "ready", "pid": 100})
@@ -603,6 +667,7 @@ def test_upsert_server_updates_only_given_columns(db_path: Path, open_writer) ->
     assert a["gpus"] == [0, 1] and a["local"] is True
     assert a["cmdline"] == ["python3", "-m", "sglang.launch_server"]
     assert a["descendants"] == [101, 102] and a["proc_create_time"] == 1234.5
+    assert a["sglang_version"] == "0.5.4" and b["sglang_version"] is None
     assert a["started_at"] == iso_utc(NOW) and ISO_RE.match(a["updated_at"])
     assert b["name"] == "b" and b["local"] is False and b["gpus"] is None
 
