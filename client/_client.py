@@ -70,6 +70,11 @@ DEFAULT_IDLE_TIMEOUT_S = 60.0  # the longest pause of a live stream once text wa
 class CompletionStream(Iterator[str]):
     """Text chunks of one answer as they arrive; ``completion`` is set at the end.
 
+    Only the answer's content is iterated. A reasoning model's reasoning and a
+    model's tool calls are in ``completion.reasoning`` and ``completion.tool_calls``
+    once the stream is exhausted (a reasoning model may think for a while before the
+    first chunk comes; that is not a hang).
+
     Closing it early (``close()``, leaving a ``with`` block, or garbage collection)
     drops the connection, which makes the server stop generating.
     """
@@ -198,12 +203,22 @@ class ModelServer:
         system: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
         **sampling: Any,
     ) -> Completion:
         """The whole answer. Streamed underneath (see the module doc), so a hung server
         costs a first-token deadline, and a server failing mid-answer is retried
-        elsewhere. Raises NoServerAvailable, RequestRejected or ConfigProblem."""
-        req = self._request(prompt, messages, system, max_tokens, temperature, sampling)
+        elsewhere. Raises NoServerAvailable, RequestRejected or ConfigProblem.
+
+        ``tools`` and ``tool_choice`` are OpenAI's (chat API only; the server needs
+        ``--tool-call-parser``): the calls come back in ``Completion.tool_calls``.
+        Other keyword arguments go to the server as they are (``top_p=0.9``,
+        ``chat_template_kwargs={...}``; for ``/generate``, into ``sampling_params``).
+        """
+        req = self._request(
+            prompt, messages, system, max_tokens, temperature, sampling, tools, tool_choice
+        )
         return _fallback.drain(self._run(req, live=False))
 
     def stream_completion(
@@ -214,14 +229,19 @@ class ModelServer:
         system: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
         **sampling: Any,
     ) -> CompletionStream:
         """Text chunks as they arrive; afterwards ``.completion`` holds the Completion.
 
         Failures before the first chunk move to the next server like get_completion;
-        a failure after text was handed out raises StreamInterrupted.
+        a failure after text was handed out raises StreamInterrupted. Arguments as
+        for get_completion.
         """
-        req = self._request(prompt, messages, system, max_tokens, temperature, sampling)
+        req = self._request(
+            prompt, messages, system, max_tokens, temperature, sampling, tools, tool_choice
+        )
         return CompletionStream(self._run(req, live=True))
 
     def close(self) -> None:
@@ -252,6 +272,8 @@ class ModelServer:
         max_tokens: int | None,
         temperature: float | None,
         sampling: dict[str, Any],
+        tools: Sequence[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
     ) -> Request:
         if prompt is None and not messages:
             raise ValueError("give a prompt or messages")
@@ -262,6 +284,12 @@ class ModelServer:
                 "api='generate' sends raw text: use prompt only, or api='chat' for "
                 "messages and system"
             )
+        if self.api == "generate" and (tools is not None or tool_choice is not None):
+            raise ValueError("tools and tool_choice need api='chat'")
+        if tools is not None and not all(isinstance(t, dict) for t in tools):
+            raise ValueError(
+                'tools must be dicts like {"type": "function", "function": {"name": ...}}'
+            )
         return Request(
             prompt=prompt,
             messages=tuple(messages) if messages is not None else None,
@@ -269,6 +297,8 @@ class ModelServer:
             max_tokens=max_tokens,
             temperature=temperature,
             sampling=dict(sampling),
+            tools=tuple(tools) if tools is not None else None,
+            tool_choice=tool_choice,
         )
 
     def _run(self, req: Request, *, live: bool) -> Generator[str, None, Completion]:
@@ -342,6 +372,8 @@ class ModelServer:
                 prompt_tokens=outcome.prompt_tokens,
                 completion_tokens=outcome.completion_tokens,
                 attempts=len(attempts) + 1,
+                reasoning=outcome.reasoning,
+                tool_calls=outcome.tool_calls,
             )
         with self._lock:
             # Everything offered failed: ask afresh next time (a new probe without

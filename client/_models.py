@@ -12,8 +12,16 @@ from ._policy import Expectation
 class Completion:
     """One finished answer and how it was obtained.
 
+    ``text`` is the answer's content. ``reasoning`` is what a reasoning model thought
+    first (SGLang's ``reasoning_content``, with ``--reasoning-parser``), None when the
+    server sent none. ``tool_calls`` are the calls a model made (``tools`` in the
+    request, ``--tool-call-parser`` on the server), OpenAI-style
+    ``{"id", "type": "function", "function": {"name", "arguments"}}`` with
+    ``arguments`` a JSON text, or None when there were none.
+
     ``attempts`` counts the servers tried, the one that answered included; the
-    latencies are what this client measured (``ttft_s``: time to the first text).
+    latencies are what this client measured (``ttft_s``: time to the server's first
+    output, which for a reasoning model is its first reasoning, not its first text).
     Token counts are the server's own (``usage`` / ``meta_info``), None if it sent none.
     """
 
@@ -24,6 +32,8 @@ class Completion:
     prompt_tokens: int | None
     completion_tokens: int | None
     attempts: int
+    reasoning: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
     def __str__(self) -> str:
         """The answer itself, so ``print(server.get_completion(...))`` prints it."""
@@ -39,6 +49,14 @@ def _float(value: Any) -> float | None:
     return None
 
 
+def _bool(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
 @dataclass(frozen=True)
 class ServerInfo:
     """A server a request can go to, with what is known of its usual speed."""
@@ -52,6 +70,10 @@ class ServerInfo:
     ttft_s: float | None = None
     latency_per_token_s: float | None = None
     state: str = "ready"
+    # SGLang's --incremental-streaming-output (the daemon reads /get_server_info):
+    # /generate chunks carry only the new text. None: unknown, the client guesses.
+    incremental_streaming_output: bool | None = None
+    sglang_version: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -87,6 +109,8 @@ class ServerInfo:
             ttft_s=_float(obj.get("ttft_s")),
             latency_per_token_s=_float(obj.get("latency_per_token_s")),
             state=str(obj.get("state") or "ready"),
+            incremental_streaming_output=_bool(obj.get("incremental_streaming_output")),
+            sglang_version=_str(obj.get("sglang_version")),
             raw=dict(obj),
         )
 
@@ -103,5 +127,7 @@ class ServerInfo:
             "latency_s": self.latency_s,
             "latency_per_token_s": self.latency_per_token_s,
             "ttft_s": self.ttft_s,
+            "incremental_streaming_output": self.incremental_streaming_output,
+            "sglang_version": self.sglang_version,
         }
         return {**base, **self.raw} if self.raw else base

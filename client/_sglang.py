@@ -2,13 +2,21 @@
 
 Every request streams, even when the caller wants the whole answer: a hung SGLang
 server keeps its port open and never answers, and only a first-token deadline tells
-it from a long answer within a second. Until the first text arrives the read deadline
-is that first-token deadline; afterwards each read gets a generous idle timeout, and
-the whole request ``request_timeout_s``.
+it from a long answer within a second. Until the server's first output arrives the read
+deadline is that first-token deadline; afterwards each read gets a generous idle
+timeout, and the whole request ``request_timeout_s``.
+
+"First output" is any delta, not only answer text. A reasoning model served with
+``--reasoning-parser`` streams (SGLang ``serving_chat.py``, 2025-2026) a first chunk whose
+delta is only ``{"role": "assistant", "content": ""}`` as soon as it has output, then
+``delta.reasoning_content`` for as long as it thinks (often many seconds), and only then
+``delta.content``; with ``--tool-call-parser`` and ``tools`` the answer may be nothing but
+``delta.tool_calls``. Counting only content would take a thinking server for a hung one.
 
 Two APIs: OpenAI chat (``/v1/chat/completions``, deltas in ``choices[0].delta``, a
-``usage`` chunk when asked for) and SGLang's native ``/generate`` (each chunk carries
-the text so far and ``meta_info`` token counts).
+``usage`` chunk when asked for) and SGLang's native ``/generate`` (each chunk carries the
+text so far, or with ``--incremental-streaming-output`` only the new part, and
+``meta_info`` token counts).
 """
 
 from __future__ import annotations
@@ -30,7 +38,11 @@ _RESERVED = {"stream", "stream_options", "messages", "text", "model", "sampling_
 
 @dataclass(frozen=True)
 class Request:
-    """What the caller asked for, independent of the server and API it goes to."""
+    """What the caller asked for, independent of the server and API it goes to.
+
+    ``tools`` and ``tool_choice`` are OpenAI's (chat API only); ``sampling`` holds any
+    further keys, sent as they are (chat body, or ``/generate``'s ``sampling_params``).
+    """
 
     prompt: str | None = None
     messages: tuple[dict[str, Any], ...] | None = None
@@ -38,14 +50,19 @@ class Request:
     max_tokens: int | None = None
     temperature: float | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
+    tools: tuple[dict[str, Any], ...] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     @property
     def size_chars(self) -> int:
-        """Roughly how much the server must prefill: it widens the first-token deadline."""
+        """Roughly how much the server must prefill: it widens the first-token deadline.
+        Tool definitions count: the chat template puts them into the prompt."""
         total = len(self.prompt or "") + len(self.system or "")
         for message in self.messages or ():
             content = message.get("content")
             total += len(content) if isinstance(content, str) else len(json.dumps(content))
+        if self.tools:
+            total += len(json.dumps(self.tools))
         return total
 
 
@@ -61,42 +78,22 @@ class AttemptFailed(Exception):
 
 @dataclass
 class Outcome:
+    """One answered attempt. ``ttft_s`` is the time to the server's first output of
+    any kind; ``chunks`` counts chunks that carried generated output (a token count
+    when the server sent none)."""
+
     text: str
     latency_s: float
     ttft_s: float | None
     prompt_tokens: int | None
     completion_tokens: int | None
     chunks: int
+    reasoning: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-class _Parser:
-    """Turns one API's stream chunks into text deltas and token counts."""
-
-    def __init__(self) -> None:
-        self.prompt_tokens: int | None = None
-        self.completion_tokens: int | None = None
-        self.finished = False
-
-    def feed(self, data: str) -> str:
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            raise AttemptFailed(f"garbled stream chunk: {data[:80]!r}") from None
-        if not isinstance(obj, dict):
-            raise AttemptFailed(f"unexpected stream chunk: {data[:80]!r}")
-        err = obj.get("error")
-        if err:
-            message = err.get("message") if isinstance(err, dict) else str(err)
-            code = _int(err.get("code")) if isinstance(err, dict) else None
-            raise _StreamError(code, str(message or err))
-        return self._delta(obj)
-
-    def _delta(self, obj: dict[str, Any]) -> str:
-        raise NotImplementedError
 
 
 class _StreamError(Exception):
@@ -106,51 +103,216 @@ class _StreamError(Exception):
         super().__init__(message)
 
 
+def _stream_error(obj: dict[str, Any]) -> _StreamError | None:
+    """The error an answer chunk reports, if it is one.
+
+    SGLang reports a failure after the 200 as one more event: ``{"error": {"object":
+    "error", "message", "type", "code"}}`` (``create_streaming_error_response``), where
+    other OpenAI-style servers send the error object itself, ``{"object": "error",
+    "message", "code"}``. Both are read, and a bare ``{"error": "text"}`` too.
+    """
+    err = obj.get("error")
+    if err:
+        if isinstance(err, dict):
+            return _StreamError(_int(err.get("code")), str(err.get("message") or err))
+        return _StreamError(None, str(err))
+    if obj.get("object") == "error":
+        return _StreamError(_int(obj.get("code")), str(obj.get("message") or obj))
+    return None
+
+
+class _Parser:
+    """Turns one API's stream chunks into answer text and what else came with it.
+
+    ``feed`` returns the new answer text and whether the chunk showed progress (any
+    output of the server: for the first-token deadline, a reasoning or tool-call
+    delta is as good a sign of life as text).
+    """
+
+    def __init__(self) -> None:
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.finished = False
+        self.pieces = 0  # chunks that carried generated output
+
+    def feed(self, data: str) -> tuple[str, bool]:
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            raise AttemptFailed(f"garbled stream chunk: {data[:80]!r}") from None
+        if not isinstance(obj, dict):
+            raise AttemptFailed(f"unexpected stream chunk: {data[:80]!r}")
+        error = _stream_error(obj)
+        if error is not None:
+            raise error
+        return self._delta(obj)
+
+    def _delta(self, obj: dict[str, Any]) -> tuple[str, bool]:
+        raise NotImplementedError
+
+    @property
+    def reasoning(self) -> str | None:
+        return None
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]] | None:
+        return None
+
+
+class _ToolCalls:
+    """OpenAI tool-call deltas merged per ``index``: the first ``id``, ``type`` and
+    ``function.name`` seen, and the ``function.arguments`` pieces joined in order."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, Any]] = {}
+
+    def merge(self, items: list[Any], *, whole: bool = False) -> bool:
+        """Add one delta's calls (or a whole message's, ``whole``); True if any came."""
+        grew = False
+        for position, item in enumerate(items):
+            if not isinstance(item, dict):
+                continue
+            index = _int(item.get("index"))
+            if index is None and whole:
+                index = position  # a whole message lists its calls without index
+            elif index is None:
+                # Not OpenAI's stream form: a piece without an id continues the last call.
+                last = max(self._calls, default=-1)
+                index = last + 1 if item.get("id") or last < 0 else last
+            call = self._calls.setdefault(
+                index, {"id": None, "type": None, "function": {"name": None, "arguments": ""}}
+            )
+            for key in ("id", "type"):
+                value = item.get(key)
+                if isinstance(value, str) and value and not call[key]:
+                    call[key] = value
+            function = item.get("function")
+            if isinstance(function, dict):
+                name = function.get("name")
+                if isinstance(name, str) and name and not call["function"]["name"]:
+                    call["function"]["name"] = name
+                arguments = function.get("arguments")
+                if isinstance(arguments, (dict, list)):
+                    arguments = json.dumps(arguments)
+                if isinstance(arguments, str):
+                    call["function"]["arguments"] += arguments
+            grew = True
+        return grew
+
+    def result(self) -> list[dict[str, Any]] | None:
+        if not self._calls:
+            return None
+        calls = []
+        for index in sorted(self._calls):
+            call = self._calls[index]
+            calls.append(
+                {
+                    "id": call["id"],
+                    "type": call["type"] or "function",
+                    "function": dict(call["function"]),
+                }
+            )
+        return calls
+
+
 class _ChatParser(_Parser):
-    def _delta(self, obj: dict[str, Any]) -> str:
+    def __init__(self) -> None:
+        super().__init__()
+        self._reasoning: list[str] = []
+        self._tools = _ToolCalls()
+
+    def _delta(self, obj: dict[str, Any]) -> tuple[str, bool]:
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self.prompt_tokens = _int(usage.get("prompt_tokens")) or self.prompt_tokens
             self.completion_tokens = _int(usage.get("completion_tokens")) or self.completion_tokens
         choices = obj.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            return ""
+            return "", False
         choice = choices[0]
+        progress = False
         if choice.get("finish_reason"):
             self.finished = True
+            progress = True
         part = choice.get("delta")
-        if not isinstance(part, dict):
+        whole = not isinstance(part, dict)
+        if whole:
             part = choice.get("message")  # a non-streamed answer
-            if isinstance(part, dict):
-                self.finished = True
-        content = part.get("content") if isinstance(part, dict) else None
-        return content if isinstance(content, str) else ""
+            if not isinstance(part, dict):
+                return "", progress
+            self.finished = True
+            progress = True
+        # Any delta is output: the role-only first chunk included.
+        if any(value is not None for value in part.values()):
+            progress = True
+        generated = False
+        reasoning = part.get("reasoning_content")
+        if isinstance(reasoning, str) and reasoning:
+            self._reasoning.append(reasoning)
+            generated = True
+        tool_calls = part.get("tool_calls")
+        if isinstance(tool_calls, list) and self._tools.merge(tool_calls, whole=whole):
+            generated = True
+        content = part.get("content")
+        text = content if isinstance(content, str) else ""
+        if text or generated:
+            self.pieces += 1
+        return text, progress
+
+    @property
+    def reasoning(self) -> str | None:
+        return "".join(self._reasoning) if self._reasoning else None
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]] | None:
+        return self._tools.result()
 
 
 class _GenerateParser(_Parser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.text = ""
+    """``/generate`` chunks. SGLang sends the text so far in each one, or with
+    ``--incremental-streaming-output`` only the new part; ``incremental`` is the
+    server's setting (from the daemon, which reads ``/get_server_info``) or None when
+    unknown: then a chunk that does not extend the text so far shows the server is
+    incremental, and it is taken as such from then on. (An incremental piece that
+    happens to repeat the whole text so far is misread while the setting is unknown.)
+    """
 
-    def _delta(self, obj: dict[str, Any]) -> str:
+    def __init__(self, incremental: bool | None = None) -> None:
+        super().__init__()
+        self.incremental = incremental
+        self.text = ""
+        self._seen_incremental = False
+
+    def _delta(self, obj: dict[str, Any]) -> tuple[str, bool]:
+        progress = False
         meta = obj.get("meta_info")
         if isinstance(meta, dict):
+            tokens = _int(meta.get("completion_tokens"))
+            if tokens is not None and tokens > (self.completion_tokens or 0):
+                progress = True
             self.prompt_tokens = _int(meta.get("prompt_tokens")) or self.prompt_tokens
-            self.completion_tokens = _int(meta.get("completion_tokens")) or self.completion_tokens
+            self.completion_tokens = tokens or self.completion_tokens
             if meta.get("finish_reason"):
                 self.finished = True
+                progress = True
         text = obj.get("text")
         if not isinstance(text, str):
-            return ""
-        # SGLang sends the text so far; a server set to incremental output sends
-        # only the new part. Tell them apart by the prefix.
-        if text.startswith(self.text):
-            delta = text[len(self.text) :]
-            self.text = text
-        else:
+            return "", progress
+        incremental = self.incremental
+        if incremental is None:
+            if not self._seen_incremental and not text.startswith(self.text):
+                self._seen_incremental = True
+            incremental = self._seen_incremental
+        if incremental:
             delta = text
             self.text += text
-        return delta
+        else:
+            delta = text[len(self.text) :] if len(text) > len(self.text) else ""
+            self.text = text if len(text) >= len(self.text) else self.text
+        if delta:
+            self.pieces += 1
+            progress = True
+        return delta, progress
 
 
 class ChatApi:
@@ -170,12 +332,16 @@ class ChatApi:
             body["max_tokens"] = req.max_tokens
         if req.temperature is not None:
             body["temperature"] = req.temperature
+        if req.tools is not None:
+            body["tools"] = list(req.tools)
+        if req.tool_choice is not None:
+            body["tool_choice"] = req.tool_choice
         body.update({k: v for k, v in req.sampling.items() if k not in _RESERVED})
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
         return body
 
-    def parser(self) -> _Parser:
+    def parser(self, server: ServerInfo) -> _Parser:
         return _ChatParser()
 
 
@@ -192,8 +358,8 @@ class GenerateApi:
         params.update({k: v for k, v in req.sampling.items() if k not in _RESERVED})
         return {"text": req.prompt or "", "sampling_params": params, "stream": True}
 
-    def parser(self) -> _Parser:
-        return _GenerateParser()
+    def parser(self, server: ServerInfo) -> _Parser:
+        return _GenerateParser(server.incremental_streaming_output)
 
 
 APIS = {"chat": ChatApi(), "generate": GenerateApi()}
@@ -233,7 +399,8 @@ def stream_attempt(
     total_s: float,
     cancel: Cancel | None = None,
 ) -> Generator[str, None, Outcome]:
-    """Yield the answer's text as it arrives; return the :class:`Outcome`.
+    """Yield the answer's text (content only) as it arrives; return the :class:`Outcome`,
+    which also holds the reasoning and tool calls.
 
     Raises :class:`AttemptFailed` when this server cannot answer (the caller tries the
     next one) and :class:`RequestRejected` when the request itself is refused. Closing
@@ -261,10 +428,9 @@ def stream_attempt(
     if cancel is not None:
         cancel.attach(stream)
 
-    parser = api.parser()
+    parser = api.parser(server)
     parts: list[str] = []
     ttft: float | None = None
-    chunks = 0
     done = False
     try:
         while True:
@@ -296,8 +462,13 @@ def stream_attempt(
                 done = True
                 break
             try:
-                delta = parser.feed(data)
+                delta, progress = parser.feed(data)
             except _StreamError as exc:
+                # An error event after the 200 fails this attempt; the next server may
+                # answer. A 4xx code stays the caller's fault, as a 4xx status is:
+                # SGLang sends one for a request it will not serve (too long, bad
+                # parameters) once its stream has begun; server trouble comes as 5xx
+                # (aborts carry 500/503 since 2025) or as a connection that ends.
                 if exc.code is not None and status_is_callers_fault(exc.code):
                     raise RequestRejected(
                         server=server.name,
@@ -305,19 +476,19 @@ def stream_attempt(
                         status=exc.code,
                         message=exc.message,
                     ) from None
+                where = "mid-answer" if ttft is not None else "before any output"
                 raise AttemptFailed(
-                    f"error mid-answer: {exc.message}", partial="".join(parts)
+                    f"error {where}: {exc.message}", partial="".join(parts)
                 ) from None
+            if progress and ttft is None:
+                ttft = time.monotonic() - started
             if delta:
-                chunks += 1
-                if ttft is None:
-                    ttft = time.monotonic() - started
                 parts.append(delta)
                 yield delta
         if not done and stream.is_sse and not parser.finished:
             raise AttemptFailed(
                 "connection closed before the answer ended"
-                if parts
+                if ttft is not None
                 else "connection closed without an answer",
                 partial="".join(parts),
             )
@@ -332,5 +503,7 @@ def stream_attempt(
         ttft_s=ttft if ttft is not None else latency,
         prompt_tokens=parser.prompt_tokens,
         completion_tokens=parser.completion_tokens,
-        chunks=chunks,
+        chunks=parser.pieces,
+        reasoning=parser.reasoning,
+        tool_calls=parser.tool_calls,
     )

@@ -170,6 +170,17 @@ def cli() -> None:
     show_default=True,
     help="OpenAI chat API or SGLang's native /generate.",
 )
+@click.option(
+    "--tools",
+    "tools_file",
+    type=click.Path(dir_okay=False),
+    help="JSON file of OpenAI tool definitions (a list, or an object with a "
+    '"tools" list); chat API only.',
+)
+@click.option(
+    "--tool-choice",
+    help='"auto", "none", "required", or the name of one tool the model must call.',
+)
 @config_option
 @_errors
 def complete(
@@ -182,42 +193,94 @@ def complete(
     stream: bool,
     as_json: bool,
     api: str,
+    tools_file: str | None,
+    tool_choice: str | None,
     config: str | None,
 ) -> None:
     """Send PROMPT to the best server of a size and print the answer.
 
     PROMPT "-" reads the prompt from standard input. Text is printed as it
-    arrives; --json prints text, server, latency_s, ttft_s, prompt_tokens,
-    completion_tokens and attempts at the end instead.
+    arrives; --json prints text, reasoning, tool_calls, server, latency_s,
+    ttft_s, prompt_tokens, completion_tokens and attempts at the end instead.
+
+    A reasoning model's reasoning is shown only by --json (its "reasoning");
+    the plain output is the answer. Tool calls the model made (with --tools)
+    follow the answer's text, one per line, as
+    `tool call: NAME(ARGUMENTS)` with ARGUMENTS the model's JSON text;
+    --json gives them whole, ids included, in "tool_calls".
 
     \b
     Example:
         ms-client complete "Say hello in one short sentence." --max-tokens 32
         echo "Summarise: ..." | ms-client complete - --model-size 70B --json
+        ms-client complete "Weather in Paris?" --tools tools.json --json
     """
     if prompt == "-":
         prompt = sys.stdin.read()
-    server = ModelServer(model_size, config=config, session_key=session, api=api)
     kwargs: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
     if system is not None:
         kwargs["system"] = system
+    if tools_file is not None:
+        kwargs["tools"] = _read_tools(tools_file)
+    if tool_choice is not None:
+        kwargs["tool_choice"] = _tool_choice(tool_choice)
+    server = ModelServer(model_size, config=config, session_key=session, api=api)
     try:
         if as_json or not stream:
             result = server.get_completion(prompt, **kwargs)
             if as_json:
                 _echo_json(result.to_dict())
-            else:
+                return
+            if result.text or not result.tool_calls:
                 click.echo(result.text)
+            _echo_tool_calls(result.tool_calls)
             return
         text_end = "\n"
-        for chunk in server.stream_completion(prompt, **kwargs):
+        answer = server.stream_completion(prompt, **kwargs)
+        for chunk in answer:
             click.echo(chunk, nl=False)
             sys.stdout.flush()
             text_end = chunk[-1:]
         if text_end != "\n":
             click.echo()
+        _echo_tool_calls(answer.completion.tool_calls if answer.completion else None)
     finally:
         server.close()
+
+
+def _read_tools(path: str) -> list[dict[str, Any]]:
+    """The tool definitions of ``--tools``: a JSON list, or an object with ``tools``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise click.BadParameter(f"cannot read {path}: {reason}", param_hint="--tools") from None
+    except ValueError as exc:
+        raise click.BadParameter(f"{path} is not JSON: {exc}", param_hint="--tools") from None
+    if isinstance(data, dict) and "tools" in data:
+        data = data["tools"]
+    if not isinstance(data, list) or not all(isinstance(t, dict) for t in data):
+        raise click.BadParameter(
+            f'{path} must hold a list of tools like {{"type": "function", "function": '
+            '{"name": ..., "parameters": ...}}',
+            param_hint="--tools",
+        )
+    return data
+
+
+def _tool_choice(value: str) -> str | dict[str, Any]:
+    if value in ("auto", "none", "required"):
+        return value
+    return {"type": "function", "function": {"name": value}}
+
+
+def _echo_tool_calls(calls: Sequence[dict[str, Any]] | None) -> None:
+    """One readable line per call: ``tool call: get_weather({"city": "Paris"})``."""
+    for call in calls or ():
+        function = call.get("function") or {}
+        name = function.get("name") or "?"
+        click.echo(f"tool call: {name}({function.get('arguments') or ''})")
 
 
 @cli.command()

@@ -103,35 +103,85 @@ class _SglangHandler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         time.sleep(fake.ttft_s)
+        if mode == "error-chunk":
+            # issue 10: an error after the 200, before any output.
+            self._event(fake.error_chunk)
+            self._event("[DONE]")
+            self._chunk(b"")
+            return
         generate = self.path == "/generate"
+        if generate:
+            self._stream_generate(mode)
+        else:
+            self._stream_chat(mode)
+
+    def _stream_generate(self, mode: str) -> None:
+        fake = self.server.fake
         text = ""
         for i, token in enumerate(fake.tokens):
             if i:
                 time.sleep(fake.token_s)
             text += token
-            if generate:
-                meta = {"prompt_tokens": 7, "completion_tokens": i + 1, "finish_reason": None}
-                self._event({"text": text, "meta_info": meta})
-            else:
-                delta = {"content": token, **({"role": "assistant"} if i == 0 else {})}
-                self._event({"choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+            meta = {"prompt_tokens": 7, "completion_tokens": i + 1, "finish_reason": None}
+            # --incremental-streaming-output sends only the new part (issue 10).
+            self._event({"text": token if fake.incremental else text, "meta_info": meta})
             if mode == "stall":
                 fake.release.wait(30)
                 self.close_connection = True
                 return
+        if not self._ending(mode):
+            return
+        meta = {"prompt_tokens": 7, "completion_tokens": len(fake.tokens)}
+        last = "" if fake.incremental else text
+        self._event({"text": last, "meta_info": {**meta, "finish_reason": {"type": "stop"}}})
+        self._done(mode)
+
+    def _stream_chat(self, mode: str) -> None:
+        fake = self.server.fake
+        first = True
+
+        def delta(part: dict[str, Any], pause: float) -> None:
+            nonlocal first
+            if not first:
+                time.sleep(pause)
+            if first and "role" not in part:
+                part = {"role": "assistant", **part}
+            first = False
+            self._event({"choices": [{"index": 0, "delta": part, "finish_reason": None}]})
+
+        if fake.role_chunk:
+            # What SGLang sends as soon as it has output (issue 10).
+            delta({"role": "assistant", "content": ""}, 0.0)
+        for piece in fake.reasoning:
+            delta({"reasoning_content": piece}, fake.think_s)
+        for token in fake.tokens:
+            delta({"content": token}, fake.token_s)
+            if mode == "stall":
+                fake.release.wait(30)
+                self.close_connection = True
+                return
+        for call in fake.tool_calls:
+            delta({"tool_calls": [call]}, fake.token_s)
+        if not self._ending(mode):
+            return
+        finish = "tool_calls" if fake.tool_calls else "stop"
+        self._event({"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+        self._event({"choices": [], "usage": fake.usage()})
+        self._done(mode)
+
+    def _ending(self, mode: str) -> bool:
+        """The scripted ways an answer breaks after its output; False: it broke."""
         if mode == "midstream-error":
             self._event({"error": {"message": "out of memory", "code": 500}})
-        elif mode == "truncate":
+            self._done(mode)
+            return False
+        if mode == "truncate":
             self._chunk(b"")
             self.close_connection = True
-            return
-        elif generate:
-            meta = {"prompt_tokens": 7, "completion_tokens": len(fake.tokens)}
-            self._event({"text": text, "meta_info": {**meta, "finish_reason": {"type": "stop"}}})
-        else:
-            self._event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-            usage = {"prompt_tokens": 7, "completion_tokens": len(fake.tokens)}
-            self._event({"choices": [], "usage": usage})
+            return False
+        return True
+
+    def _done(self, mode: str) -> None:
         self._event("[DONE]")
         self._chunk(b"")
         if mode == "close-idle":
@@ -142,12 +192,17 @@ class _SglangHandler(BaseHTTPRequestHandler):
         fake = self.server.fake
         time.sleep(fake.ttft_s)
         text = "".join(fake.tokens)
-        usage = {"prompt_tokens": 7, "completion_tokens": len(fake.tokens)}
+        usage = fake.usage()
         if self.path == "/generate":
             self._send_json(200, {"text": text, "meta_info": usage})
         else:
-            message = {"role": "assistant", "content": text}
-            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            message: dict[str, Any] = {"role": "assistant", "content": text or None}
+            if fake.reasoning:
+                message["reasoning_content"] = "".join(fake.reasoning)
+            if fake.whole_tool_calls is not None:
+                message["tool_calls"] = fake.whole_tool_calls
+            finish = "tool_calls" if fake.whole_tool_calls else "stop"
+            choice = {"index": 0, "message": message, "finish_reason": finish}
             self._send_json(200, {"choices": [choice], "usage": usage})
 
 
@@ -157,8 +212,15 @@ class FakeSglang:
     ``mode``: ``normal``, ``hang`` (accept, never answer), ``close`` (close without an
     answer), ``reject`` (400), ``error`` (500), ``stall`` (first token, then nothing),
     ``midstream-error``, ``truncate`` (no [DONE]), ``nostream`` (ignores "stream"),
-    ``close-idle`` (answers, then closes the kept-alive connection).
+    ``close-idle`` (answers, then closes the kept-alive connection), ``error-chunk``
+    (a 200, then ``error_chunk`` as the first event).
     ``script`` gives modes for the next requests, one each, before ``mode`` applies.
+
+    A chat answer is, in order: a role-only first delta (``role_chunk``), the
+    ``reasoning`` pieces ``think_s`` apart, the ``tokens`` ``token_s`` apart, then the
+    ``tool_calls`` deltas (each one item of ``delta.tool_calls``). A whole answer
+    (``nostream``) carries ``whole_tool_calls``. ``/generate`` chunks carry the text so
+    far, or only the new part with ``incremental``.
     """
 
     def __init__(
@@ -170,13 +232,29 @@ class FakeSglang:
         token_s: float = 0.0,
         tokens: list[str] | None = None,
         mode: str = "normal",
+        role_chunk: bool = False,
+        reasoning: list[str] | None = None,
+        think_s: float = 0.0,
+        tool_calls: list[dict[str, Any]] | None = None,
+        whole_tool_calls: list[dict[str, Any]] | None = None,
+        incremental: bool = False,
+        error_chunk: dict[str, Any] | None = None,
     ):
         self.name = name
         self.model_size = model_size
         self.ttft_s = ttft_s
         self.token_s = token_s
-        self.tokens = list(tokens or TOKENS)
+        self.tokens = list(TOKENS if tokens is None else tokens)
         self.mode = mode
+        self.role_chunk = role_chunk
+        self.reasoning = list(reasoning or [])
+        self.think_s = think_s
+        self.tool_calls = list(tool_calls or [])
+        self.whole_tool_calls = whole_tool_calls
+        self.incremental = incremental
+        self.error_chunk = error_chunk or {
+            "error": {"object": "error", "message": "scheduler failed", "code": 500}
+        }
         self.script: list[str] = []
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self.connections = 0
@@ -195,6 +273,10 @@ class FakeSglang:
     def next_mode(self) -> str:
         with self.lock:
             return self.script.pop(0) if self.script else self.mode
+
+    def usage(self) -> dict[str, int]:
+        generated = len(self.tokens) + len(self.reasoning) + len(self.tool_calls)
+        return {"prompt_tokens": 7, "completion_tokens": generated}
 
     def server_object(self, **fields: Any) -> dict[str, Any]:
         """This server as the daemon's API describes it."""
@@ -219,6 +301,9 @@ class FakeSglang:
             "ttft_s": 0.25,
             "last_sample_at": None,
             "last_error": None,
+            # From the server's /get_server_info (null: not known yet).
+            "incremental_streaming_output": None,
+            "sglang_version": None,
         }
         obj.update(fields)
         return obj

@@ -203,6 +203,9 @@ def test_cli_complete_streams_and_prints_json(sims, config) -> None:
         "prompt_tokens",
         "completion_tokens",
         "attempts",
+        "reasoning",
+        "tool_calls",
     }
     assert answer["server"] == "8B-fast" and answer["completion_tokens"] == 5
+    assert (answer["reasoning"], answer["tool_calls"]) == (None, None)
     assert streamed.stdout == answer["text"] + "\n"
