@@ -33,11 +33,19 @@ system-deps:
 lint: venv
 	$(VENV)/bin/ruff check supervisord_ms client tests bench scripts
 
+# Two workers: most end-to-end tests wait on real processes, so two run side by
+# side on two cores in about half the time.
 test: venv system-deps lint
-	$(VENV)/bin/pytest -q -m "not slow"
+	$(VENV)/bin/pytest -q -m "not slow" -n 2
 
 test-all: venv system-deps
 	$(VENV)/bin/pytest -q
+
+# Checks a running SGLang server against what modelserverd relies on (docs/sglang.md):
+#   make conformance SGLANG_URL=http://127.0.0.1:30000 [CONFORMANCE_OUT=dir]
+.PHONY: conformance
+conformance: venv
+	SGLANG_URL="$(SGLANG_URL)" CONFORMANCE_OUT="$(CONFORMANCE_OUT)" $(VENV)/bin/pytest -q tests/conformance
 
 demo: venv
 	$(PY) -m supervisord_ms.cli demo

@@ -49,8 +49,9 @@ from supervisord_ms.store import parse_iso  # noqa: E402
 # not from the test harness's fast settings, unless a scenario says otherwise.
 DEFAULT_DAEMON = {
     "probe_interval_s": 5.0,
-    "health_timeout_s": 20.0,
+    "health_timeout_s": 30.0,
     "health_failures": 3,
+    "hang_timeout_s": 10.0,
     "startup_timeout_s": 1800.0,
     "stop_timeout_s": 30.0,
 }
@@ -263,6 +264,8 @@ class BenchDaemon:
         sim_args: list[str] | None = None,
         gpus: int = 4,
         stop_timeout: float = 90.0,
+        profile: str = "current",
+        sglang_env: dict[str, str] | None = None,
     ):
         self.folder = folder
         self.servers = servers
@@ -273,6 +276,8 @@ class BenchDaemon:
             restart={**DEFAULT_RESTART, **(restart or {})},
             sim_args=sim_args,
             gpus=gpus,
+            profile=profile,
+            sglang_env=sglang_env,
         )
         self.stop_timeout = stop_timeout
 

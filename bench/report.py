@@ -181,7 +181,7 @@ def render(results: dict[str, Any]) -> str:
     ]
     remarks = [r for r in rows if r.get("remark")]
     if remarks:
-        lines += ["", "What the comparisons with the SGLang router showed:", ""]
+        lines += ["", "What the comparisons showed:", ""]
         for r in remarks:
             lines.append(f"- **{r.get('scenario')}** — {_cell(str(r['remark']))}")
     if flagged:

@@ -10,7 +10,7 @@ whatever of its process tree is still alive a minute later is killed.
     .venv/bin/python bench/run.py --only restart,scale  # a subset; other rows are kept
 
 Scenarios: store, sim, overhead, decision, failover_kill, failover_hang, failover_errors,
-failover_slow, restart, hang, stability, affinity, affinity_router, scale.
+failover_slow, restart, hang, stop, stability, affinity, affinity_router, scale.
 
 The scenarios compared with the SGLang router need ``sglang-router`` (a benchmark
 dependency, never the product's): when it is missing from this interpreter's
@@ -143,7 +143,8 @@ JOBS = [
     _router_job("failover_errors", "failover_errors", 180),
     _router_job("failover_slow", "failover_slow", 180),
     Job("restart", [PY, str(BENCH / "bench_supervisor.py"), "restart"], 240),
-    Job("hang", [PY, str(BENCH / "bench_supervisor.py"), "hang"], 180),
+    Job("hang", [PY, str(BENCH / "bench_supervisor.py"), "hang"], 420),
+    Job("stop", [PY, str(BENCH / "bench_supervisor.py"), "stop"], 240),
     Job("stability", [PY, str(BENCH / "bench_selection.py"), "stability"], 120),
     Job("affinity", [PY, str(BENCH / "bench_selection.py"), "affinity"], 120),
     _router_job("affinity_router", "affinity", 180),

@@ -310,6 +310,8 @@ class Daemon:
                 new = await asyncio.to_thread(load_daemon_config, self.config.path)
             finally:
                 self.notifier.ready(self.summary())
+            for warning in new.warnings:
+                log.warning("config: %s", warning)
             old = self.config
             old_managed = {s.name: s for s in old.managed_servers}
             new_managed = {s.name: s for s in new.managed_servers}

@@ -50,7 +50,7 @@ def demo_config(workdir: Path) -> str:
         'log_dir = "logs"',
         'gpu_backend = "file:gpus.json"',
         "probe_interval_s = 1.0",
-        "health_timeout_s = 2.0",
+        "health_timeout_s = 30.0",
         "stop_timeout_s = 5.0",
         "",
         "[restart]",

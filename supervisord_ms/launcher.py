@@ -1,13 +1,16 @@
 """How an SGLang server is started and stopped: argv, environment, process tree.
 
-Launch: ``<python> -m <module> --model-path ... --tp-size N --nccl-port P`` with
+Launch: ``<python> -m <module> --model-path ... --tp-size N --nccl-port P
+--enable-metrics --log-level-http warning <extra_args>`` with
 ``CUDA_VISIBLE_DEVICES``, no shell, in a new session so that the process group
-holds SGLang's scheduler and detokenizer children.
+holds SGLang's scheduler and detokenizer children. The two default flags (see
+:data:`DEFAULT_FLAGS`) are left out when the user's extra_args give the flag.
 
-Stop: SIGTERM to the group, then SIGKILL to the group and to every recorded
-descendant that left it. SGLang's children can be re-parented to PID 1 when the
-parent dies and keep holding GPU memory for good, so a stop is only finished when
-the port is free and the GPU view shows the memory released.
+Stop: SIGTERM to the main process only (SGLang drains and then kills its own tree),
+then SIGKILL to the group and to every recorded descendant that is left. SGLang's
+children can be re-parented to PID 1 when the parent dies and keep holding GPU
+memory for good, so a stop is only finished when the port is free and the GPU view
+shows the memory released.
 
 Every signal goes through :class:`OwnedProcess`, which checks the process start
 time, so a recycled pid that now belongs to someone else is never signalled.
@@ -52,7 +55,28 @@ class LaunchSpec:
         return f"{env} {shlex.join(self.argv)}".strip()
 
 
+# Flags every launch gets unless the user's extra_args give the flag themselves
+# (then theirs stands, e.g. ``--log-level-http info`` to see each request). Both
+# are SGLang server arguments (server_args.py; docs/sglang.md, sections 8 and 9):
+# - ``--enable-metrics``: without it SGLang serves no /metrics, so none of its
+#   load gauges (sglang:num_running_reqs, sglang:num_queue_reqs, ...) exist.
+# - ``--log-level-http warning``: the level of SGLang's uvicorn (default: that of
+#   --log-level), whose access log writes a line per request at info, so every
+#   health check and probe would be a line in the server's log.
+DEFAULT_FLAGS: tuple[tuple[str, ...], ...] = (
+    ("--enable-metrics",),
+    ("--log-level-http", "warning"),
+)
+
+
+def gives_flag(args: Sequence[str], flag: str) -> bool:
+    """``args`` set ``flag``, as ``--flag [value]`` or ``--flag=value``."""
+    return any(arg == flag or arg.startswith(flag + "=") for arg in args)
+
+
 def build_launch(server: ServerConfig, sglang: SglangConfig, nccl_port: int) -> LaunchSpec:
+    user_args = (*sglang.extra_args, *server.extra_args)
+    defaults = [arg for flag in DEFAULT_FLAGS if not gives_flag(user_args, flag[0]) for arg in flag]
     argv = [
         sglang.python,
         "-m",
@@ -67,8 +91,8 @@ def build_launch(server: ServerConfig, sglang: SglangConfig, nccl_port: int) -> 
         str(len(server.gpus)),
         "--nccl-port",
         str(nccl_port),
-        *sglang.extra_args,
-        *server.extra_args,
+        *defaults,
+        *user_args,
     ]
     env = dict(sglang.env)
     env.update(server.env)
@@ -270,6 +294,10 @@ def port_listener(ip: str, port: int) -> int | None:
 # --- stopping -----------------------------------------------------------------------
 
 
+# How long the rest of a tree may take to go once its main process has exited.
+LEFTOVER_GRACE_S = 1.0
+
+
 async def _wait_gone(procs: Sequence[OwnedProcess], deadline: float) -> bool:
     while True:
         if not any(p.alive() for p in procs):
@@ -286,7 +314,12 @@ async def stop_tree(
     *,
     timeout_s: float,
 ) -> list[str]:
-    """SIGTERM the group, wait, then SIGKILL the group and every recorded descendant.
+    """SIGTERM the main process only; once it is gone, or ``timeout_s`` later, SIGKILL
+    the group and every recorded descendant that is left.
+
+    SGLang handles SIGTERM itself (tokenizer_manager.py ``sigterm_watchdog``): /health
+    answers 503, in-flight requests finish, then it SIGKILLs its own tree. A SIGTERM to
+    the whole group would kill the schedulers mid-drain and cut every stream.
 
     Returns a note per escalation, for the event log.
     """
@@ -299,21 +332,31 @@ async def stop_tree(
     tree = list({p.pid: p for p in tree if p.alive()}.values())
     if not tree:
         return notes
+    if main.alive():
+        main.signal(signal.SIGTERM)
+        if not await _wait_gone([main], time.monotonic() + timeout_s):
+            notes.append(
+                f"pid {main.pid} still running {timeout_s:g} s after SIGTERM "
+                "(stop_timeout_s); sending SIGKILL to its process group and descendants"
+            )
     if pgid is not None:
-        signal_group(pgid, signal.SIGTERM)
-    for proc in tree:
-        proc.signal(signal.SIGTERM)
-    if await _wait_gone(tree, time.monotonic() + timeout_s):
+        tree.extend(p for p in group_members(pgid) if p.pid not in {q.pid for q in tree})
+    # SGLang kills its children just before itself: give the kernel a moment to
+    # finish them before calling them leftovers.
+    if not main.alive() and await _wait_gone(tree, time.monotonic() + LEFTOVER_GRACE_S):
         return notes
     left = [p for p in tree if p.alive()]
-    notes.append(
-        f"still running {timeout_s:g} s after SIGTERM: "
-        f"{', '.join(str(p.pid) for p in left)}; sending SIGKILL"
-    )
+    if not left:
+        return notes
     if pgid is not None:
         signal_group(pgid, signal.SIGKILL)
     for proc in left:
         proc.signal(signal.SIGKILL)
+    if main not in left:
+        notes.append(
+            f"pid {main.pid} exited; killed what its tree left running: "
+            f"{', '.join(str(p.pid) for p in left)}"
+        )
     if not await _wait_gone(left, time.monotonic() + 5.0):
         survivors = [p.pid for p in left if p.alive()]
         notes.append(f"processes survived SIGKILL (uninterruptible?): {survivors}")

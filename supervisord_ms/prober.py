@@ -17,10 +17,13 @@ latency). What each round does, and why:
   had run, a lower bound, so its estimate rises without the server being ejected.
   Before anyone answered, the limit is ``health_timeout_s``; past it the probe fails.
 * Servers not managed here change between READY and UNREACHABLE on the probes'
-  evidence: a success (or a slow answer that had started to stream) makes them
-  ready; ``health_failures`` rounds in a row without an answer (failures, or
-  early-skipped probes that never got response headers, which a live SGLang
-  sends at once) make them unreachable. Only a change is reported, through
+  evidence: a success, or a slow answer that had started to stream, makes them
+  ready; ``health_failures`` rounds in a row with evidence of a fault make them
+  unreachable. Evidence is a refused or reset connection, an error answer, or a
+  liveness check that failed. A probe that proved nothing (cut off by the early skip
+  before its headers, which a chat stream sends only with its first token since
+  SGLang PR #21900, or timed out) is followed by a load query to the server's
+  scheduler: an answer means slower, not gone. Only a change is reported, through
   ``on_reachability``; the daemon writes the event.
 """
 
@@ -36,7 +39,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from . import selector, states
+from . import selector, sglang_api, states
 from .registry import Registry, ServerRecord
 from .store import StoreWriter
 
@@ -58,6 +61,11 @@ MAX_ERROR_CHARS = 300
 MIN_PAUSE_S = 0.1
 
 OnReachability = Callable[[ServerRecord, str, str], None]
+# How often, and how patiently, the load of servers not managed here is read.
+LOAD_INTERVAL_S = 1.0
+LOAD_TIMEOUT_S = 2.0
+# serving_chat.py: the keys a chat stream's delta can carry.
+PROGRESS_KEYS = ("role", "content", "reasoning_content", "tool_calls")
 
 
 @dataclass
@@ -68,7 +76,10 @@ class ProbeResult:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
-    responded: bool = False  # response headers arrived: the server is answering
+    # The model produced output (a delta, or a whole answer). Response headers are no
+    # proof of life: legacy SGLang sends them at once, hung scheduler or not.
+    responded: bool = False
+    timed_out: bool = False  # no answer in time: no proof of a fault by itself
 
 
 @dataclass
@@ -76,7 +87,7 @@ class _Progress:
     """What a running probe has reached, read when the round abandons it."""
 
     started: float
-    responded: bool = False
+    responded: bool = False  # the first delta arrived
 
 
 class _ProbeFailed(Exception):
@@ -163,14 +174,15 @@ class Prober:
                 json=self._request_body(record),
                 timeout=aiohttp.ClientTimeout(total=timeout_s + 5.0),
             )
-            progress.responded = True
             if resp.status != 200:
                 body = await resp.content.read(MAX_ERROR_CHARS)
                 detail = body.decode("utf-8", "replace")
                 raise _ProbeFailed(f"HTTP {resp.status} from {url}: {_short(detail)}")
             if resp.content_type == "application/json":
                 # A server that ignores stream=true answers whole: still a measurement.
-                return self._whole_answer(url, await resp.json(), loop.time() - progress.started)
+                answer = self._whole_answer(url, await resp.json(), loop.time() - progress.started)
+                progress.responded = True
+                return answer
             ttft = None
             prompt_tokens = completion_tokens = None
             content_chunks = 0
@@ -193,12 +205,16 @@ class Prober:
                     raise _ProbeFailed(f"error from {url}: {_short(str(chunk['error']))}")
                 for choice in chunk.get("choices") or ():
                     delta = choice.get("delta") if isinstance(choice, dict) else None
-                    if not isinstance(delta, dict):
+                    if not isinstance(delta, dict) or not any(
+                        delta.get(k) is not None for k in PROGRESS_KEYS
+                    ):
                         continue
-                    if delta.get("content") or delta.get("reasoning_content"):
-                        content_chunks += 1
-                        if ttft is None:
-                            ttft = loop.time() - progress.started
+                    # Any delta is the model's output: the role chunk that opens an
+                    # answer, reasoning, tool calls, text.
+                    content_chunks += 1
+                    if ttft is None:
+                        ttft = loop.time() - progress.started
+                        progress.responded = True
                 usage = chunk.get("usage")
                 if isinstance(usage, dict):
                     prompt_tokens = _count(usage.get("prompt_tokens"))
@@ -228,6 +244,7 @@ class Prober:
                 latency_s=loop.time() - progress.started,
                 error=_describe(exc),
                 responded=progress.responded,
+                timed_out=isinstance(exc, asyncio.TimeoutError),
             )
         finally:
             if resp is not None:
@@ -275,12 +292,13 @@ class Prober:
         results: dict[str, ProbeResult] = {}
         if targets:
             results = await self._race(targets, loop)
+        alive = await self._liveness([r for r in targets if self._needs_liveness(r, results)])
         now = time.time()
         mono = time.monotonic()
         for record in targets:
             result = results[record.name]
             outcome[record.name] = result.status
-            self._record(record, result, now, mono)
+            self._record(record, result, now, mono, alive.get(record.name))
         for size in sorted(self.registry.known_sizes()):
             self.registry.update_incumbent(size, mono)
         self.rounds += 1
@@ -305,22 +323,37 @@ class Prober:
             for r in targets
         }
         results: dict[str, ProbeResult] = {}
-        best: float | None = None
+        # The early skip compares a server with the others of its model size only: a
+        # 70B is not slow for answering slower than an 8B.
+        best: dict[str, float] = {}
+
+        def deadline(task: asyncio.Task[ProbeResult]) -> float:
+            size = tasks[task].config.model_size
+            return start + selector.probe_deadline(best.get(size), rate, timeout_s)
+
         pending = set(tasks)
+        cut: set[asyncio.Task[ProbeResult]] = set()
         try:
             while pending:
-                remaining = start + selector.probe_deadline(best, rate, timeout_s) - loop.time()
-                if remaining <= 0:
+                now = loop.time()
+                expired = {t for t in pending if deadline(t) <= now}
+                cut |= expired
+                pending -= expired
+                if not pending:
                     break
+                remaining = min(deadline(t) for t in pending) - now
                 done, pending = await asyncio.wait(
                     pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
                 )
                 for task in done:
                     result = task.result()
-                    results[tasks[task].name] = result
+                    record = tasks[task]
+                    results[record.name] = result
                     if result.status == OK and result.latency_s is not None:
-                        best = result.latency_s if best is None else min(best, result.latency_s)
+                        size = record.config.model_size
+                        best[size] = min(best.get(size, result.latency_s), result.latency_s)
         finally:
+            pending |= cut
             for task in pending:
                 task.cancel()
             if pending:
@@ -333,12 +366,13 @@ class Prober:
                 results[record.name] = task.result()
                 continue
             ran = elapsed_end - progress[record.name].started
-            if best is None:
+            if record.config.model_size not in best:
                 results[record.name] = ProbeResult(
                     FAILED,
                     latency_s=ran,
                     error=f"no answer within {timeout_s:g} s (daemon.health_timeout_s)",
                     responded=progress[record.name].responded,
+                    timed_out=True,
                 )
             else:
                 results[record.name] = ProbeResult(
@@ -350,24 +384,75 @@ class Prober:
         return results
 
     # --- bookkeeping --------------------------------------------------------------
-    def _record(self, record: ServerRecord, result: ProbeResult, now: float, mono: float) -> None:
-        ok = result.status != FAILED
+    @staticmethod
+    def _needs_liveness(record: ServerRecord, results: dict[str, ProbeResult]) -> bool:
+        """A server not managed here whose probe proved nothing either way: cut off
+        by the early skip before its first delta (headers prove nothing: legacy
+        SGLang sends them at once, hung or not, and since PR #21900 they come with
+        the first token), or timed out."""
+        if record.config.is_managed:
+            return False
+        result = results[record.name]
+        if result.status == SLOW:
+            return not result.responded
+        return result.status == FAILED and result.timed_out
+
+    async def _liveness(self, records: list[ServerRecord]) -> dict[str, str | None]:
+        """Ask each server's scheduler for its load (never generates): ``None`` when
+        it answered, else why it is taken for faulty."""
+        if not records:
+            return {}
+        d = self.registry.config.daemon
+        timeout_s = min(d.health_timeout_s, d.hang_timeout_s)
+        session = self._get_session()
+
+        async def check(record: ServerRecord) -> str | None:
+            url = record.config.url
+            try:
+                await sglang_api.read_load(session, url, timeout_s)
+            except sglang_api.NoLoadEndpoint:
+                if await sglang_api.front_answers(session, url, timeout_s):
+                    return None
+                return f"no answer from {url}/get_model_info within {timeout_s:g} s"
+            except sglang_api.NoAnswer as exc:
+                return exc.reason
+            return None
+
+        answers = await asyncio.gather(*(check(r) for r in records))
+        return {r.name: a for r, a in zip(records, answers, strict=True)}
+
+    def _record(
+        self,
+        record: ServerRecord,
+        result: ProbeResult,
+        now: float,
+        mono: float,
+        liveness: str | None = None,
+    ) -> None:
+        ok = result.status == OK
+        # A probe cut by the early skip measured a lower bound, not a latency: it may
+        # raise the estimate, never count as an answer, never eject.
+        cut = result.status == SLOW
         self.registry.record_sample(
             record.name,
-            ok=ok,
-            latency_s=result.latency_s if ok else None,
+            ok=ok or cut,
+            latency_s=result.latency_s if (ok or cut) else None,
             source="probe",
             ttft_s=result.ttft_s,
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
             now=now,
             mono=mono,
+            lower_bound=cut,
         )
         if result.status == FAILED:
             record.probe_failures_total += 1
         elif result.status == SLOW:
             record.probe_slow_total += 1
         try:
+            error = result.error
+            if cut and result.latency_s is not None:
+                error = f"cut by the early skip after {result.latency_s:.3f} s (a lower bound)"
             self.writer.add_sample(
                 server=record.name,
                 source="probe",
@@ -376,28 +461,37 @@ class Prober:
                 ttft_s=result.ttft_s,
                 prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens,
-                error=result.error,
+                error=error,
                 ts=now,
             )
         except Exception as exc:  # a closed or failing writer must not stop the probes
             log.warning("probe of %s not written to the state database: %s", record.name, exc)
         if not record.config.is_managed:
-            self._reachability(record, result)
+            self._reachability(record, result, liveness)
 
-    def _reachability(self, record: ServerRecord, result: ProbeResult) -> None:
-        answered = result.status == OK or (result.status == SLOW and result.responded)
-        if answered:
-            self._misses[record.name] = 0
-            if record.state != states.READY:
-                self._change(record, states.READY, "answered a probe")
+    def _reachability(
+        self, record: ServerRecord, result: ProbeResult, liveness: str | None
+    ) -> None:
+        """``unreachable`` needs evidence of a fault: a refused or reset connection,
+        an error answer, or a liveness check that failed. A probe cut off by the early
+        skip while the server's scheduler answers is neutral: the server is slower,
+        not gone, and stays a candidate ranked by its estimate."""
+        checked = self._needs_liveness(record, {record.name: result})
+        fault = result.status == FAILED and not result.timed_out
+        if checked:
+            fault = liveness is not None
+        if not fault:
+            if result.status == OK or (result.status == SLOW and result.responded) or checked:
+                self._misses[record.name] = 0
+                if record.state != states.READY:
+                    self._change(record, states.READY, "answered a probe")
             return
         misses = self._misses.get(record.name, 0) + 1
         self._misses[record.name] = misses
-        if result.status == FAILED:
-            record.last_error = result.error
+        why = liveness if checked else result.error
+        record.last_error = why
         limit = self.registry.config.daemon.health_failures
         if misses >= limit and record.state != states.UNREACHABLE:
-            why = result.error or "no response headers before the round's early-skip deadline"
             self._change(record, states.UNREACHABLE, f"{misses} probes in a row failed: {why}")
 
     def _change(self, record: ServerRecord, new_state: str, message: str) -> None:
@@ -408,11 +502,51 @@ class Prober:
         # The callback sees the old state (for its event row); make sure of the new one.
         record.state = new_state
 
+    # --- load of the servers not managed here ------------------------------------------
+    async def read_loads(self) -> None:
+        """Ask every ready server not managed here for its load, once (the supervisor
+        reads its own servers'). A server that does not answer keeps its last figures:
+        the probes decide reachability."""
+        targets = [
+            r
+            for r in list(self.registry.servers.values())
+            if not r.config.is_managed and r.state == states.READY
+        ]
+        if not targets:
+            return
+        session = self._get_session()
+
+        async def one(record: ServerRecord) -> None:
+            try:
+                load, _ = await sglang_api.read_load(session, record.config.url, LOAD_TIMEOUT_S)
+            except (sglang_api.NoAnswer, sglang_api.NoLoadEndpoint):
+                return
+            record.running, record.queued = load.running, load.queued
+            record.load_checked_at = time.time()
+            if load.capacity:
+                record.capacity = load.capacity
+
+        await asyncio.gather(*(one(r) for r in targets))
+
+    async def _load_loop(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            began = loop.time()
+            try:
+                await self.read_loads()
+            except Exception:  # a bug here must not end the probes
+                log.exception("reading the load of probed-only servers failed")
+            every = min(LOAD_INTERVAL_S, self.registry.config.daemon.probe_interval_s)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.05, every - (loop.time() - began)))
+
     # --- the loop -----------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        """A round every ``probe_interval_s`` (start to start) until ``stop`` is set."""
+        """A round every ``probe_interval_s`` (start to start) until ``stop`` is set,
+        and the load of servers not managed here every LOAD_INTERVAL_S."""
         loop = asyncio.get_running_loop()
         stopper = asyncio.ensure_future(stop.wait())
+        loads = asyncio.ensure_future(self._load_loop(stop))
         try:
             while not stop.is_set():
                 began = loop.time()
@@ -432,6 +566,9 @@ class Prober:
                     await asyncio.wait_for(asyncio.shield(stopper), pause)
         finally:
             stopper.cancel()
+            loads.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loads
             await self.close()
 
 

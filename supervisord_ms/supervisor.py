@@ -31,7 +31,7 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-from . import backoff, launcher, states
+from . import backoff, launcher, liveness, sglang_api, states
 from .config import Config, ServerConfig
 from .gpus import GpuError, GpuView, is_gpu_free
 from .registry import ServerRecord
@@ -39,6 +39,9 @@ from .store import StoreWriter
 
 log = logging.getLogger("modelserverd")
 
+# How often a ready server's scheduler is asked for its load (never more often than
+# probe_interval_s): the answers spread the fleet's traffic and prove it alive.
+LOAD_INTERVAL_S = 1.0
 # How often a waiting server rechecks its GPUs and port, and a starting one its /health.
 RECHECK_S = 1.0
 STARTUP_POLL_S = 0.25
@@ -46,6 +49,9 @@ STARTUP_POLL_S = 0.25
 # descendants once a second while it starts (and when it turns ready), then rarely.
 STARTUP_REFRESH_S = 1.0
 READY_REFRESH_S = 30.0
+# How long an earlier daemon's server may take to answer /get_model_info (the front
+# alone answers it) before it is taken for someone else's or a dead one.
+ADOPT_TIMEOUT_S = 10.0
 # After a stop, how long to wait for the port and GPU memory to be released.
 RELEASE_EXTRA_S = 30.0
 
@@ -60,6 +66,23 @@ class Failure:
     signal: int | None = None
     at: float = field(default_factory=time.time)
     backoff_s: float | None = None
+
+
+@dataclass
+class _LoadWatch:
+    """The scheduler watch of one ready process: its one outstanding load query."""
+
+    last_answer_at: float  # monotonic; the watch starts as if answered at ready
+    pending_since: float | None = None  # the first query since the last answer
+    task: asyncio.Task[sglang_api.Load | None] | None = None
+    path: str | None = None  # the load endpoint this server answers on
+    supported: bool = True
+
+    def verdict_at(self, hang_timeout_s: float) -> float | None:
+        """When the silence would become a hang, if no answer comes first."""
+        if self.pending_since is None:
+            return None
+        return max(self.last_answer_at + hang_timeout_s, self.pending_since + hang_timeout_s / 2)
 
 
 @dataclass
@@ -169,6 +192,7 @@ class ServerSupervisor:
                 "proc_create_time": self.owned.create_time if self.owned else None,
                 "cmdline": self.proc.cmdline if self.proc else self._adopted_cmdline,
                 "descendants": [[p.pid, p.create_time] for p in self.recorded],
+                "sglang_version": r.sglang_version,
             }
         )
 
@@ -288,6 +312,7 @@ class ServerSupervisor:
         self.record.pid = spawned.pid
         self.record.pgid = spawned.pid
         self.record.started_at = time.time()
+        self._forget_process_facts()
         self._watch_exit(spawned.pid)
         if self.pending is not None:
             failure, self.pending = self.pending, None
@@ -308,6 +333,12 @@ class ServerSupervisor:
             )
         self.set_state(states.STARTING, f"pid {spawned.pid}: {spec.shell_line()}")
         return True
+
+    def _forget_process_facts(self) -> None:
+        """What the last process reported (version, load) is not this one's."""
+        r = self.record
+        r.sglang_version = r.incremental_streaming_output = None
+        r.running = r.queued = r.capacity = r.load_checked_at = None
 
     # --- watching -------------------------------------------------------------------
     def _watch_exit(self, pid: int) -> None:
@@ -383,23 +414,43 @@ class ServerSupervisor:
                 return None
 
     async def _watch_ready(self) -> Failure | None:
-        """Health checks start every probe_interval_s, without waiting for the one
-        before: a hung server is declared after health_failures x probe_interval_s +
-        health_timeout_s, not health_failures x (probe_interval_s + health_timeout_s)."""
+        """Two watches while ready:
+
+        * ``/health`` every probe_interval_s, without waiting for the check before
+          (SGLang's own check can take up to SGLANG_HEALTH_CHECK_TIMEOUT):
+          health_failures failures in a row make the server unhealthy;
+        * the scheduler, through a load query every LOAD_INTERVAL_S, one at a time
+          (see :mod:`liveness`): no answer for hang_timeout_s while the process lives
+          is a hang, found within hang_timeout_s instead of SGLang's 20 s (or never,
+          on versions whose /health does not generate). The answers are also the
+          server's load, which spreads the fleet's traffic.
+        """
         d = self.ctx.config().daemon
         assert self.exit_future is not None
         pending: deque[asyncio.Task[int | None]] = deque()
+        load = _LoadWatch(time.monotonic())
         next_check = time.monotonic() + d.probe_interval_s
+        load_every = min(LOAD_INTERVAL_S, d.probe_interval_s)
+        next_load = time.monotonic() + load_every
         last_refresh = time.monotonic()
         failures = timeouts = 0
+        info = asyncio.create_task(self._read_server_info(d.hang_timeout_s))
         try:
             while True:
                 room = len(pending) < d.health_failures
-                timeout = max(0.0, next_check - time.monotonic()) if room else None
+                wakes = [next_load]
+                if room:
+                    wakes.append(next_check)
+                verdict = load.verdict_at(d.hang_timeout_s)
+                if verdict is not None:
+                    wakes.append(verdict)
+                timeout = max(0.0, min(wakes) - time.monotonic())
                 wake = asyncio.ensure_future(self._wake.wait())
                 waits: set[asyncio.Future] = {self.exit_future, wake}
                 if pending:
                     waits.add(pending[0])
+                if load.task is not None:
+                    waits.add(load.task)
                 try:
                     await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 finally:
@@ -409,9 +460,33 @@ class ServerSupervisor:
                 if self._request is not None:
                     return None
                 now = time.monotonic()
+                if load.task is not None and load.task.done():
+                    self._take_load(load, now)
                 if room and now >= next_check:
                     pending.append(asyncio.create_task(self._health(d.health_timeout_s)))
                     next_check = now + d.probe_interval_s
+                if now >= next_load:
+                    if load.task is None and load.supported:
+                        load.task = asyncio.create_task(self._query_load(load, d.hang_timeout_s))
+                        if load.pending_since is None:
+                            load.pending_since = now
+                    next_load = now + load_every
+                if liveness.scheduler_hung(
+                    last_answer_at=load.last_answer_at,
+                    pending_since=load.pending_since,
+                    now=now,
+                    hang_timeout_s=d.hang_timeout_s,
+                ):
+                    front = await sglang_api.front_answers(
+                        self.ctx.http, self.server.url, min(2.0, d.hang_timeout_s)
+                    )
+                    message = (
+                        f"the scheduler answered no load query ({load.path}) for "
+                        f"{now - load.last_answer_at:.1f} s (hang_timeout_s) while "
+                        + ("the HTTP front answers" if front else "the HTTP front is silent too")
+                    )
+                    self.set_state(states.UNHEALTHY, message)
+                    return Failure("hang", message)
                 if now - last_refresh >= READY_REFRESH_S:
                     self._refresh_descendants()
                     last_refresh = now
@@ -439,8 +514,62 @@ class ServerSupervisor:
                         d.health_failures,
                     )
         finally:
-            for task in pending:
-                task.cancel()
+            for task in (*pending, load.task, info):
+                if task is not None:
+                    task.cancel()
+
+    async def _query_load(self, watch: _LoadWatch, timeout_s: float) -> sglang_api.Load | None:
+        """One load query; None when the server has no load endpoint (old SGLang)."""
+        try:
+            load, watch.path = await sglang_api.read_load(
+                self.ctx.http, self.server.url, timeout_s, prefer=watch.path
+            )
+        except sglang_api.NoLoadEndpoint:
+            return None
+        return load
+
+    def _take_load(self, watch: _LoadWatch, now: float) -> None:
+        """Read a finished load query. Only an answer ends the silence: after a query
+        that got none, ``pending_since`` keeps the time the silence began."""
+        task, watch.task = watch.task, None
+        assert task is not None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, sglang_api.NoAnswer):
+            log.info("server %s: load query: %s", self.name, exc.reason)
+            return
+        if exc is not None:
+            log.warning("server %s: load query failed: %r", self.name, exc)
+            return
+        load = task.result()
+        if load is None:
+            watch.supported, watch.pending_since = False, None
+            log.info(
+                "server %s: no /v1/loads or /get_load (an old SGLang): hangs are "
+                "found by /health alone",
+                self.name,
+            )
+            return
+        watch.last_answer_at, watch.pending_since = now, None
+        r = self.record
+        r.running, r.queued, r.load_checked_at = load.running, load.queued, time.time()
+        if load.capacity:
+            r.capacity = load.capacity
+
+    async def _read_server_info(self, timeout_s: float) -> None:
+        """Version and streaming setting, once per process; not fatal when missing."""
+        try:
+            info = await sglang_api.read_server_info(self.ctx.http, self.server.url, timeout_s)
+        except sglang_api.NoAnswer as exc:
+            log.info("server %s: no server info: %s", self.name, exc.reason)
+            return
+        r = self.record
+        r.sglang_version = info.version
+        r.incremental_streaming_output = info.incremental_streaming_output
+        if info.max_running_requests and not r.capacity:
+            r.capacity = info.max_running_requests
+        self.save()
 
     def _maybe_stable(self) -> None:
         cfg = self.ctx.config().restart
@@ -515,7 +644,8 @@ class ServerSupervisor:
     # --- failure and stop -------------------------------------------------------------
     async def _handle_failure(self, failure: Failure) -> None:
         cfg = self.ctx.config().restart
-        await self._stop_process(failure.message, failed=True)
+        # A hung server's requests can never finish: no drain, SIGKILL at once.
+        await self._stop_process(failure.message, failed=True, drain=failure.reason != "hang")
         now = time.monotonic()
         self.history = self.history.record(now, cfg.failure_window_s)
         self.record.consecutive_failures = self.history.count(now, cfg.failure_window_s)
@@ -544,9 +674,10 @@ class ServerSupervisor:
         # The backoff counts from the failure: the cleanup above is part of the wait.
         await self._sleep_or_wake(max(0.0, decision.delay_s - (time.time() - failure.at)))
 
-    async def _stop_process(self, why: str, *, failed: bool = False) -> None:
+    async def _stop_process(self, why: str, *, failed: bool = False, drain: bool = True) -> None:
         """Stop whatever is left of the process tree and wait until its port and GPU
-        memory are released."""
+        memory are released. ``drain``: give SGLang ``stop_timeout_s`` to finish its
+        requests after the SIGTERM."""
         owned, pgid = self.owned, self.record.pgid
         if owned is None:
             return
@@ -557,7 +688,9 @@ class ServerSupervisor:
         if owned.alive():
             if not failed:
                 self.set_state(states.STOPPING, why)
-            notes = await launcher.stop_tree(owned, pgid, recorded, timeout_s=cfg.stop_timeout_s)
+            notes = await launcher.stop_tree(
+                owned, pgid, recorded, timeout_s=cfg.stop_timeout_s if drain else 0.0
+            )
             for note in notes:
                 log.warning("server %s: %s", self.name, note)
                 self.ctx.writer.add_event(server=self.name, kind="escalation", message=note)
@@ -619,7 +752,6 @@ class ServerSupervisor:
         cmdline = row.get("cmdline")
         if not isinstance(cmdline, list):
             cmdline = None
-        status: int | None = None
         answering = False
         same = owned.alive() and cmdline is not None
         if same:
@@ -628,8 +760,11 @@ class ServerSupervisor:
             except psutil.Error:
                 same = False
         if same:
-            status = await self._health(min(5.0, self.ctx.config().daemon.health_timeout_s))
-            answering = status is not None
+            # The front alone answers /get_model_info; /health may take SGLang's
+            # 20 s health timeout. Whether it is ready is the startup watch's call.
+            answering = await sglang_api.front_answers(
+                self.ctx.http, self.server.url, ADOPT_TIMEOUT_S
+            )
         if not same or not answering:
             leftovers = [p for p in [owned, *recorded] if p.alive()]
             why = (
@@ -656,9 +791,10 @@ class ServerSupervisor:
         self.record.pgid = row.get("pgid")
         self.record.started_at = _parse_iso(row.get("started_at"))
         self._watch_exit(owned.pid)
-        new_state = states.READY if status == 200 else states.STARTING
         self.set_state(
-            new_state, f"adopted running pid {owned.pid} from an earlier daemon", kind="adopted"
+            states.STARTING,
+            f"adopted running pid {owned.pid} from an earlier daemon; waiting for /health",
+            kind="adopted",
         )
         return True
 

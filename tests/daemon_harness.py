@@ -27,8 +27,14 @@ from supervisord_ms.gpus import write_file_gpu_view
 
 FAST_DAEMON = {
     "probe_interval_s": 0.3,
-    "health_timeout_s": 1.0,
+    # Above the SGLANG_HEALTH_CHECK_TIMEOUT below, as check-config demands: SGLang's
+    # /health takes at least 1 s (it looks for output once a second).
+    "health_timeout_s": 6.0,
     "health_failures": 2,
+    # Short, yet long enough for a loaded 2-core machine to answer /v1/loads; below
+    # SGLANG_HEALTH_CHECK_TIMEOUT, as the defaults are (10 s and 20 s), so that a hang
+    # is found by the scheduler watch before SGLang's own /health gives up.
+    "hang_timeout_s": 3.0,
     "startup_timeout_s": 20.0,
     "stop_timeout_s": 2.0,
 }
@@ -39,7 +45,21 @@ FAST_RESTART = {
     "failure_window_s": 60.0,
     "stable_after_s": 60.0,
 }
-SIM_ARGS = ["--sim-startup-s", "0.2", "--sim-warmup-s", "0.2", "--sim-gpu-mib", "60000"]
+# The drain after SIGTERM looks every 0.2 s instead of SGLang's 5 s, so that the
+# hundreds of stops in the suite do not each wait seconds; the stop tests that are
+# about draining use SGLang's own period.
+SIM_ARGS = [
+    "--sim-startup-s",
+    "0.2",
+    "--sim-warmup-s",
+    "0.2",
+    "--sim-gpu-mib",
+    "60000",
+    "--sim-drain-poll-s",
+    "0.2",
+]
+SGLANG_ENV = {"SGLANG_HEALTH_CHECK_TIMEOUT": "5"}
+PROFILES = ("current", "legacy")
 
 
 def _toml_value(v: Any) -> str:
@@ -216,6 +236,8 @@ def make_daemon(
     restart: dict | None = None,
     sim_args: list[str] | None = None,
     gpus: int = 4,
+    profile: str = "current",
+    sglang_env: dict[str, str] | None = None,
 ) -> DaemonUnderTest:
     directory.mkdir(parents=True, exist_ok=True)
     write_file_gpu_view(str(directory / "gpus.json"), gpus)
@@ -238,12 +260,15 @@ def make_daemon(
             "module": "supervisord_ms.sim",
             "extra_args": [
                 *SIM_ARGS,
+                "--sim-sglang-profile",
+                profile,
                 "--sim-gpu-file",
                 str(directory / "gpus.json"),
                 *(sim_args or []),
             ],
         },
     )
+    lines += _table("sglang.env", SGLANG_ENV if sglang_env is None else sglang_env)
     model = directory / "model"
     model.mkdir(exist_ok=True)
     for server in servers:
@@ -260,10 +285,24 @@ def make_daemon(
 
 
 @pytest.fixture
-def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonUnderTest]]:
+def sglang_profile(request: pytest.FixtureRequest) -> str:
+    """The simulated SGLang generation of a test's daemons: "current", or each of
+    PROFILES in a module that sets ``SGLANG_PROFILES = PROFILES``."""
+    return getattr(request, "param", "current")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    profiles = getattr(metafunc.module, "SGLANG_PROFILES", None)
+    if profiles and "sglang_profile" in metafunc.fixturenames:
+        metafunc.parametrize("sglang_profile", profiles, indirect=True)
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path, sglang_profile: str) -> Iterator[Callable[..., DaemonUnderTest]]:
     made: list[DaemonUnderTest] = []
 
     def factory(servers: list[dict], **kw: Any) -> DaemonUnderTest:
+        kw.setdefault("profile", sglang_profile)
         d = make_daemon(tmp_path / f"d{len(made)}", servers, **kw)
         made.append(d)
         return d
@@ -285,6 +324,7 @@ __all__ = [
     "DaemonUnderTest",
     "daemon_factory",
     "make_daemon",
+    "sglang_profile",
     "sim_fault",
     "wait_until",
 ]

@@ -181,8 +181,10 @@ class SimProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self._fail(f"sim pid {self.pid} exited with {self.proc.returncode} before ready")
-            # SGLang's /health looks for output once a second: give it more than 1 s.
-            if http_status(self.url + "/health", timeout=5) == 200:
+            # SGLang's /health looks for output once a second, and waits for a first
+            # token: give it the time left, at least 5 s.
+            left = max(5.0, deadline - time.monotonic())
+            if http_status(self.url + "/health", timeout=left) == 200:
                 return self
             time.sleep(0.02)
         self._fail(f"sim pid {self.pid} not ready within {timeout}s")

@@ -13,8 +13,11 @@ import time
 
 import pytest
 from conftest import free_port
-from daemon_harness import sim_fault, wait_until
+from daemon_harness import PROFILES, sim_fault, wait_until
 from ms_client import ModelServer, NoServerAvailable
+
+# Every test runs once per simulated SGLang generation (legacy, current).
+SGLANG_PROFILES = PROFILES
 
 # Three 8B servers with clearly different speeds: a is the fastest.
 SPEEDS = {"a": "0.01", "b": "0.06", "c": "0.12"}
@@ -48,6 +51,9 @@ def fleet(daemon_factory):
 
 
 def _client(d, **kw) -> ModelServer:
+    """A client that tries the daemon's order, best first: these tests are about
+    fallback; spreading over the fleet has its own tests (test_client_library.py)."""
+    kw.setdefault("spread", False)
     return ModelServer("8B", config=str(d.config_path), **kw)
 
 

@@ -31,10 +31,13 @@ from typing import Any
 import psutil
 import pytest
 from conftest import free_port
-from daemon_harness import DaemonUnderTest, sim_fault, wait_until
+from daemon_harness import PROFILES, DaemonUnderTest, sim_fault, wait_until
 from ms_client import ModelServer, NoServerAvailable
 
 from supervisord_ms.gpus import FileGpuView, file_gpu_register
+
+# Every test runs once per simulated SGLang generation (legacy, current).
+SGLANG_PROFILES = PROFILES
 
 # Three servers with clearly different speeds, so "the best" is known: a, then b, then c.
 SPEEDS = {"a": "0.01", "b": "0.05", "c": "0.1"}
@@ -58,8 +61,6 @@ def _servers(**extra_args: list[str]) -> list[dict[str, Any]]:
         }
         for i, (name, ttft) in enumerate(SPEEDS.items())
     ]
-
-
 
 
 def _alive(pid: int) -> bool:
@@ -175,10 +176,11 @@ class PidWatch:
         return {p for seen in self.history.values() for p in seen}
 
 
-def _children_of_servers(d: DaemonUnderTest) -> set[int]:
-    """Pids of every simulated scheduler child any server ever started (from the logs)."""
+def _children_of_servers(d: DaemonUnderTest, name: str = "*") -> set[int]:
+    """Pids of every simulated scheduler child a server (any, by default) ever
+    started (from the logs)."""
     found: set[int] = set()
-    for log in (d.dir / "logs").glob("*.log*"):
+    for log in (d.dir / "logs").glob(f"{name}.log*"):
         found |= {int(p) for p in CHILD_PID.findall(log.read_text(errors="replace"))}
     return found
 
@@ -293,7 +295,7 @@ def test_killed_server_leaves_no_orphan_and_no_gpu_memory(daemon_factory):
     with Load(d) as load:
         old = d.server("a")["pid"]
         children = wait_until(
-            lambda: _children_of_servers(d) if len(_children_of_servers(d)) >= 2 else None,
+            lambda: kids if len(kids := _children_of_servers(d, "a")) >= 2 else None,
             10,
             "a's two children",
         )

@@ -491,9 +491,30 @@ def test_stop_tree_stops_group_and_the_child_that_left_it(
     spawned, children = start_tree(tmp_path, cleanup)
     assert {p.pid for p in descendants(spawned.pid)} == {c.pid for c in children}
     notes = asyncio.run(stop_tree(spawned.owned, spawned.pid, [], timeout_s=5.0))
-    assert notes == []
+    # The main process took the SIGTERM; what its tree left is SIGKILLed at once.
     assert spawned.popen.wait(timeout=5) == -signal.SIGTERM
+    assert len(notes) == 1 and f"pid {spawned.pid} exited" in notes[0], notes
     assert not spawned.owned.alive()
+    assert not any(c.alive() for c in children)
+
+
+def test_stop_tree_sends_sigterm_to_the_main_process_only(
+    tmp_path: Path, cleanup: Callable[[Any], Any]
+):
+    # SGLang drains on SIGTERM: its scheduler children must keep running meanwhile,
+    # or every in-flight stream is cut.
+    spawned, children = start_tree(tmp_path, cleanup, ignore_term=True)
+
+    async def stop_and_look() -> tuple[list[str], bool]:
+        stopping = asyncio.ensure_future(stop_tree(spawned.owned, spawned.pid, [], timeout_s=1.0))
+        await asyncio.sleep(0.5)
+        alive_meanwhile = all(c.alive() for c in children) and spawned.owned.alive()
+        return await stopping, alive_meanwhile
+
+    notes, alive_meanwhile = asyncio.run(stop_and_look())
+    assert alive_meanwhile, "a child was signalled while the main process drained"
+    assert "1 s after SIGTERM" in notes[0] and "SIGKILL" in notes[0]
+    assert spawned.popen.wait(timeout=5) == -signal.SIGKILL
     assert not any(c.alive() for c in children)
 
 

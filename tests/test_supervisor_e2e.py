@@ -13,9 +13,12 @@ import time
 import psutil
 import pytest
 from conftest import free_port
-from daemon_harness import sim_fault, wait_until
+from daemon_harness import PROFILES, sim_fault, wait_until
 
 from supervisord_ms.gpus import FileGpuView, file_gpu_register
+
+# Every test runs once per simulated SGLang generation (legacy, current).
+SGLANG_PROFILES = PROFILES
 
 
 def _restarts(d, name):

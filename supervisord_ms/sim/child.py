@@ -2,9 +2,10 @@
 
 Started by the simulator with ``python -m supervisord_ms.sim.child``. It holds
 GPU memory under its own pid in the ``file:`` GPU view, like SGLang's
-scheduler processes. Normally it exits with its parent; with ``--survive`` it
-ignores SIGTERM/SIGHUP and outlives the parent, reproducing the orphaned
-schedulers that keep GPU memory after their server was SIGKILLed.
+scheduler processes. Normally it dies with its parent (PR_SET_PDEATHSIG) and by
+SIGTERM; with ``--survive`` it ignores SIGTERM/SIGHUP and outlives the parent,
+reproducing the orphaned schedulers that keep GPU memory after their server was
+SIGKILLed.
 
 Kept free of aiohttp so that starting one is cheap.
 """
@@ -83,7 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
     else:
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        # SIGTERM keeps its default action: SGLang's scheduler processes die by it,
+        # which is how a SIGTERM to the whole group cuts the server down mid-drain.
+        for sig in (signal.SIGHUP, signal.SIGINT):
             signal.signal(sig, on_signal)
         _die_with_parent()
         if os.getppid() != args.parent_pid:

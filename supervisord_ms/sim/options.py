@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sg.add_argument(
         "--incremental-streaming-output",
+        "--stream-output",
+        dest="incremental_streaming_output",
         action="store_true",
         help="/generate stream chunks carry only the new text, not the text so far",
     )

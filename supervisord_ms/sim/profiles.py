@@ -42,6 +42,10 @@ class Profile:
     # entrypoints/http_server.py: /v1/loads (SGLang PR #16976, 2026-01) is the newer
     # load endpoint; /get_load is older (a shim over /v1/loads since PR #23010).
     has_v1_loads: bool
+    # server_args.py: the server argument /get_server_info reports for chunks that
+    # carry only new text; "stream_output" until its rename to
+    # "incremental_streaming_output" (PR #20614).
+    streaming_flag: str
 
 
 LEGACY = Profile(
@@ -50,6 +54,7 @@ LEGACY = Profile(
     health_generates=False,
     chat_headers_at_first_chunk=False,
     has_v1_loads=False,
+    streaming_flag="stream_output",
 )
 CURRENT = Profile(
     name="current",
@@ -57,6 +62,7 @@ CURRENT = Profile(
     health_generates=True,
     chat_headers_at_first_chunk=True,
     has_v1_loads=True,
+    streaming_flag="incremental_streaming_output",
 )
 PROFILES = {p.name: p for p in (LEGACY, CURRENT)}
 DEFAULT_PROFILE = CURRENT.name

@@ -199,7 +199,10 @@ class Simulator:
         self.generation_requests = 0
         self.health_requests = 0
         self.errors_total = 0
-        self.in_flight = 0  # tokenizer_manager.rid_to_state: what a drain waits for
+        # tokenizer_manager.rid_to_state, what a drain waits for: requests in flight,
+        # and requests abandoned while the scheduler was hung (never cleared)
+        self.in_flight = 0
+        self.stuck = 0
         self.prompt_tokens_total = 0
         self.completion_tokens_total = 0
         self.gpus = list(gpus)
@@ -343,6 +346,20 @@ class Simulator:
             )
         return n
 
+    def _request_ended(self) -> None:
+        """A request leaves rid_to_state when the scheduler finishes or aborts it; a
+        hung scheduler does neither, so a request abandoned by its client (its handler
+        cancelled) stays counted and a drain after SIGTERM waits for it. Called from
+        the handlers' ``finally``, where the exception being raised is visible."""
+        aborted = isinstance(sys.exc_info()[1], asyncio.CancelledError)
+        if aborted and self.scheduler.hung:
+            self.stuck += 1
+        self.in_flight -= 1
+
+    @property
+    def requests_left(self) -> int:
+        return self.in_flight + self.stuck
+
     def _finish(self, n: int, prompt_tokens: int, completion_tokens: int) -> None:
         self.prompt_tokens_total += prompt_tokens
         self.completion_tokens_total += completion_tokens
@@ -388,7 +405,25 @@ class Simulator:
 
     # --- generation endpoints -----------------------------------------------------
 
+    async def _refuse(
+        self, request: web.Request, body: dict[str, Any] | None, message: str, *, openai: bool
+    ) -> web.StreamResponse:
+        """A request SGLang refuses. A stream whose headers leave at once (``/generate``
+        always; OpenAI routes before PR #21900) has sent its 200 already, so the
+        refusal is an error chunk; otherwise it is an HTTP 400."""
+        stream = isinstance(body, dict) and bool(body.get("stream"))
+        early = not openai or not self.profile.chat_headers_at_first_chunk
+        if stream and early:
+            out = _Stream(request, defer_headers=False, openai=openai)
+            await out.open()
+            await out.fail(message, code=400)
+            return out.response
+        if openai:
+            return _error(400, message, "BadRequestError")
+        return _json_response({"error": {"message": message}}, 400)
+
     async def generate(self, request: web.Request) -> web.StreamResponse:
+        body: dict[str, Any] | None = None
         try:
             body = await self._read_json(request)
             if "text" in body and body["text"] is not None:
@@ -402,7 +437,7 @@ class Simulator:
                 raise BadRequest("sampling_params must be an object")
             max_new = _optional_count(params.get("max_new_tokens"), "max_new_tokens")
         except BadRequest as exc:
-            return _error(400, str(exc), "BadRequestError")
+            return await self._refuse(request, body, str(exc), openai=False)
         admitted = await self._admit()
         if isinstance(admitted, web.Response):
             return admitted
@@ -459,9 +494,10 @@ class Simulator:
             self._finish(n, prompt_tokens, count)
             return _json_response(result)
         finally:
-            self.in_flight -= 1
+            self._request_ended()
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body: dict[str, Any] | None = None
         try:
             body = await self._read_json(request)
             messages = body.get("messages")
@@ -473,18 +509,19 @@ class Simulator:
             max_tokens = _openai_max_tokens(body)
             tool = _first_tool_name(body.get("tools"))
         except BadRequest as exc:
-            return _error(400, str(exc), "BadRequestError")
+            return await self._refuse(request, body, str(exc), openai=True)
         if not self.opts.tool_call_parser:
             tool = None
         return await self._openai(request, body, prompt_tokens, max_tokens, chat=True, tool=tool)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        body: dict[str, Any] | None = None
         try:
             body = await self._read_json(request)
             prompt_tokens = _prompt_count(body.get("prompt"), "prompt")
             max_tokens = _openai_max_tokens(body)
         except BadRequest as exc:
-            return _error(400, str(exc), "BadRequestError")
+            return await self._refuse(request, body, str(exc), openai=True)
         return await self._openai(request, body, prompt_tokens, max_tokens, chat=False)
 
     def _answer_plan(self, count: int, chat: bool, tool: str | None) -> _Plan:
@@ -557,7 +594,10 @@ class Simulator:
                             )
                         sent = done
                     if chat:
-                        await out.send(envelope([_choice({}, finish)]))
+                        last = _choice({}, finish)
+                        if finish == "stop":
+                            last["matched_stop"] = EOS_TOKEN_ID
+                        await out.send(envelope([last]))
                     else:
                         await out.send(
                             envelope(
@@ -613,7 +653,7 @@ class Simulator:
             self._finish(n, prompt_tokens, count)
             return _json_response(result)
         finally:
-            self.in_flight -= 1
+            self._request_ended()
 
     # --- health and information ---------------------------------------------------
 
@@ -715,7 +755,8 @@ class Simulator:
                 "enable_metrics": o.enable_metrics,
                 "reasoning_parser": o.reasoning_parser,
                 "tool_call_parser": o.tool_call_parser,
-                "incremental_streaming_output": o.incremental_streaming_output,
+                # server_args.py: --stream-output until its rename (SGLang PR #20614)
+                self.profile.streaming_flag: o.incremental_streaming_output,
                 "internal_states": [{"last_gen_throughput": 0.0}],
                 "version": self.profile.version,
                 "simulation": True,
@@ -860,6 +901,7 @@ class Simulator:
             sched.slow_factor = 1.0
             sched.set_busy(None)
             sched.resume()
+            self.stuck = 0
             self.error_rate = 0.0
             self.crash_after = self.hang_after = self.error_after = None
         elif mode == "slow" and slow is None:
@@ -946,27 +988,22 @@ class _Stream:
         await self.send(SSE_DONE)
         await self.response.write_eof()
 
-    async def fail(self, message: str) -> None:
+    async def fail(self, message: str, code: int = 500) -> None:
         """serving_chat.py: an exception inside the stream becomes an error chunk
         after the 200 (the status has left), then the stream ends."""
         with contextlib.suppress(ConnectionError):
-            await self.send(_sse(_stream_error(message, self.openai)))
+            await self.send(_sse(_stream_error(message, self.openai, code)))
             await self.close()
 
 
-def _stream_error(message: str, openai: bool) -> dict[str, Any]:
+def _stream_error(message: str, openai: bool, code: int = 500) -> dict[str, Any]:
     """serving_base.py create_streaming_error_response for the OpenAI routes;
     http_server.py generate_request sends only the message."""
     if not openai:
         return {"error": {"message": message}}
+    kind = "BadRequestError" if code == 400 else "InternalServerError"
     return {
-        "error": {
-            "object": "error",
-            "message": message,
-            "type": "InternalServerError",
-            "param": None,
-            "code": 500,
-        }
+        "error": {"object": "error", "message": message, "type": kind, "param": None, "code": code}
     }
 
 
@@ -1124,7 +1161,15 @@ async def _serve_phases(sim: Simulator, stop: asyncio.Event) -> int:
         sim.crash("during startup (--sim-crash-after 0)")
         await sim.hang()
 
-    runner = web.AppRunner(sim.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    # handler_cancellation: a client that goes away aborts its request, even one still
+    # queued, as SGLang's tokenizer manager aborts a request whose connection closed.
+    runner = web.AppRunner(
+        sim.app(),
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=1.0,
+        handler_cancellation=True,
+    )
     await runner.setup()
     site = web.TCPSite(runner, opts.host, opts.port, backlog=2048)
     try:
@@ -1160,12 +1205,13 @@ async def _sigterm_watchdog(sim: Simulator) -> None:
     while not sim.gracefully_exit:
         await asyncio.sleep(poll)
     while True:
+        left = sim.requests_left
         if sim.failed_health_check:
-            log(f"SIGTERM after a failed health check; exiting with {sim.in_flight} requests left")
+            log(f"SIGTERM after a failed health check; exiting with {left} requests left")
             break
-        if sim.in_flight == 0:
+        if left == 0:
             break
-        log(f"gracefully exiting: {sim.in_flight} requests left")
+        log(f"gracefully exiting: {left} requests left")
         await asyncio.sleep(poll)
     sim.kill_tree("drained after SIGTERM")
 

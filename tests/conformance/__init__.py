@@ -1,0 +1,1 @@
+"""SGLang conformance checks against a live server (see conftest.py)."""
