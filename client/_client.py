@@ -20,6 +20,7 @@ judge of "best":
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 from collections import deque
@@ -37,6 +38,7 @@ from supervisord_ms.config import (
     load_config,
     resolve_config_path,
 )
+from supervisord_ms.selector import expected_delay, spread_order
 
 from . import _fallback
 from ._exceptions import (
@@ -50,7 +52,6 @@ from ._exceptions import (
 from ._models import Completion, ServerInfo
 from ._policy import (
     SLOW_WINDOW,
-    demote,
     first_token_timeout,
     is_slow,
     mid_answer_timeout,
@@ -61,6 +62,9 @@ from ._sglang import APIS, AttemptFailed, Outcome, Request, stream_attempt
 from ._transport import DaemonClient, HttpTransport, SglangTransport
 
 CANDIDATE_TTL_S = 1.0  # how long the daemon's answer is reused
+# Without a session key a request may go to any good server: ask for this many, so
+# that the spreading below sees the whole fleet of a size, not the best three.
+SPREAD_POOL = 16
 DAEMON_RETRY_S = 10.0  # after the daemon was unreachable, how long before asking again
 DEMOTE_S = 10.0  # a server that failed here is tried last for this long
 EXCLUDE_S = 30.0  # a server found repeatedly slow is excluded for this long
@@ -132,7 +136,10 @@ class ModelServer:
     ``config`` is the config file (default: ``$MODELSERVERD_CONFIG``, else
     ``/etc/modelserverd/config.toml``); its ``[client]`` table sets ``max_retry``,
     ``latency_growing_rate`` and the timeouts. ``session_key`` keeps a conversation
-    on one server while it stays healthy (SGLang's prefix cache). ``api`` picks the
+    on one server while it stays healthy and not overloaded (SGLang's prefix cache).
+    Without one, each request draws its server among the good ones, weighing their
+    expected delay under load (``spread``; False tries the daemon's order, best
+    first, which sends every caller to the same server). ``api`` picks the
     OpenAI chat API or SGLang's native ``/generate``. ``socket_path`` overrides the
     daemon socket of the config. ``transport`` replaces the HTTP layer (tests).
 
@@ -145,6 +152,7 @@ class ModelServer:
         *,
         config: str | os.PathLike[str] | None = None,
         session_key: str | None = None,
+        spread: bool = True,
         api: str = "chat",
         socket_path: str | None = None,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
@@ -154,6 +162,7 @@ class ModelServer:
             raise ValueError(f"api must be one of {', '.join(APIS)}, not {api!r}")
         self.model_size = model_size
         self.session_key = session_key
+        self.spread = spread
         self.api = api
         self._api = APIS[api]
         self._config, self._config_path, self._config_problems = _load(config)
@@ -175,6 +184,10 @@ class ModelServer:
         self._slow: deque[bool] = deque(maxlen=SLOW_WINDOW)
         self._excluded: dict[str, float] = {}
         self._demoted: dict[str, float] = {}
+        # Requests this instance has in flight per server: the daemon's load figures
+        # are up to a second old and cannot show them yet.
+        self._in_flight: dict[str, int] = {}
+        self._rand = random.Random()
 
     def __repr__(self) -> str:
         return (
@@ -334,6 +347,8 @@ class ModelServer:
                 total_s=cfg.request_timeout_s,
             )
             delivered = False
+            with self._lock:
+                self._in_flight[server.name] = self._in_flight.get(server.name, 0) + 1
             try:
                 while True:
                     try:
@@ -362,6 +377,8 @@ class ModelServer:
                 continue
             finally:
                 gen.close()
+                with self._lock:
+                    self._in_flight[server.name] -= 1
             self._report(server, ok=True, latency_s=outcome.latency_s, outcome=outcome)
             self._succeeded(server, outcome)
             return Completion(
@@ -385,10 +402,27 @@ class ModelServer:
     # --- choosing --------------------------------------------------------------------
 
     def _ordered(self, servers: list[ServerInfo], now: float) -> list[ServerInfo]:
+        """Called with the lock held."""
         for table in (self._demoted, self._excluded):
             for name in [n for n, until in table.items() if until <= now]:
                 del table[name]
-        return demote(servers, [s.name for s in servers], self._demoted)
+        healthy = [s for s in servers if s.name not in self._demoted]
+        if self.spread and self.session_key is None and len(healthy) > 1:
+            healthy = self._spread(healthy)
+        return [*healthy, *(s for s in servers if s.name in self._demoted)]
+
+    def _spread(self, servers: list[ServerInfo]) -> list[ServerInfo]:
+        """Each request without a session key draws its own first server (power of
+        two choices on the expected delay, :func:`selector.spread_order`), so that
+        callers sharing one answer of the daemon do not all land on the same GPU.
+        Called with the lock held."""
+        delays = {
+            s.name: expected_delay(s.latency_s, s.load, extra=self._in_flight.get(s.name, 0))
+            for s in servers
+        }
+        by_name = {s.name: s for s in servers}
+        order = spread_order(delays, self._rand.random(), self._rand.random())
+        return [by_name[name] for name in order]
 
     def _candidates(self) -> list[ServerInfo]:
         now = time.monotonic()
@@ -418,9 +452,10 @@ class ModelServer:
     def _from_daemon(self, excluded: list[str]) -> list[ServerInfo]:
         size = self.model_size
         try:
-            found = self._daemon.best(
-                size, n=self._client_cfg.max_retry, key=self.session_key, exclude=excluded
-            )
+            n = self._client_cfg.max_retry
+            if self.spread and self.session_key is None:
+                n = max(n, SPREAD_POOL)
+            found = self._daemon.best(size, n=n, key=self.session_key, exclude=excluded)
         except DaemonError as exc:
             if exc.code == "no_ready_server" and excluded:
                 # Only the slow server is left: slow beats nothing.

@@ -597,6 +597,17 @@ class _ServerCollector:
             "probes abandoned by the early skip (slower than the round's best x growing rate)",
             labels=["server"],
         )
+        load = GaugeMetricFamily(
+            "modelserverd_server_requests",
+            "requests in the server's batch (running) and queue (queued), as its "
+            "scheduler last reported",
+            labels=["server", "model_size", "where"],
+        )
+        capacity = GaugeMetricFamily(
+            "modelserverd_server_capacity",
+            "requests the server runs at once (SGLang's max_running_requests)",
+            labels=["server", "model_size"],
+        )
         up = GaugeMetricFamily(
             "modelserverd_server_up",
             "1 when the server may receive traffic (ready and not ejected)",
@@ -614,7 +625,22 @@ class _ServerCollector:
             probe_failures.add_metric([r.name], r.probe_failures_total)
             probe_slow.add_metric([r.name], r.probe_slow_total)
             up.add_metric([r.name, r.config.model_size], 1.0 if r.serving(mono) else 0.0)
-        yield from (state, latency, restarts, samples, probe_failures, probe_slow, up)
+            if r.running is not None and r.queued is not None:
+                load.add_metric([r.name, r.config.model_size, "running"], r.running)
+                load.add_metric([r.name, r.config.model_size, "queued"], r.queued)
+            if r.load.capacity:
+                capacity.add_metric([r.name, r.config.model_size], r.load.capacity)
+        yield from (
+            state,
+            latency,
+            restarts,
+            samples,
+            probe_failures,
+            probe_slow,
+            up,
+            load,
+            capacity,
+        )
 
 
 # --- admin check --------------------------------------------------------------------

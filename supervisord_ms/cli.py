@@ -247,11 +247,21 @@ def check_config(config_path: str | None, as_json: bool) -> None:
     click.echo("\n(--nccl-port values are picked free at each launch.)")
 
 
+def _load_cell(server: dict) -> str:
+    """``running+queued/capacity`` as SGLang's scheduler last reported, ``-`` unknown."""
+    running, queued = server.get("running"), server.get("queued")
+    if running is None or queued is None:
+        return "-"
+    capacity = server.get("capacity")
+    return f"{running}+{queued}/{capacity if capacity else '?'}"
+
+
 @cli.command()
 @config_option
 @json_option
 def status(config_path: str | None, as_json: bool) -> None:
-    """One row per server: state, pid, uptime, SGLang version, latency, restarts in 24 h.
+    """One row per server: state, pid, uptime, SGLang version, latency, load (running
+    +queued/capacity, from SGLang's scheduler), restarts in 24 h.
 
     Example:
 
@@ -296,6 +306,7 @@ def status(config_path: str | None, as_json: bool) -> None:
                 _duration(s.get("uptime_s")),
                 s.get("sglang_version") or "-",
                 _latency(s.get("latency_s")),
+                _load_cell(s),
                 recent.get(s["name"], 0),
                 (s.get("last_error") or "")[:60],
             ]
@@ -311,6 +322,7 @@ def status(config_path: str | None, as_json: bool) -> None:
             "uptime",
             "version",
             "latency",
+            "load",
             "restarts24h",
             "last error",
         ],

@@ -126,6 +126,9 @@ class ServerConfig:
     extra_args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     local: bool = False  # ip is one of this host's addresses (known only to the daemon)
+    # The server's batch size (SGLang's --max-running-requests), for a server that
+    # does not report it in /v1/loads or /get_server_info; None: learned.
+    max_running_requests: int | None = None
 
     @property
     def url(self) -> str:
@@ -307,6 +310,7 @@ SERVER_KEYS: dict[str, Check] = {
     "managed": _bool,
     "extra_args": _string_list,
     "env": _string_table,
+    "max_running_requests": _int_at_least(1),
 }
 SERVER_REQUIRED = ("ip", "port", "model_size", "model_path")
 PATH_KEYS = ("socket", "state_db", "log_dir")
@@ -614,5 +618,13 @@ def load_config(
 
 
 def server_fields_changed(old: ServerConfig, new: ServerConfig) -> list[str]:
-    """Names of fields that differ; a reload restarts a server only when one does."""
-    return [f.name for f in fields(ServerConfig) if getattr(old, f.name) != getattr(new, f.name)]
+    """Names of fields that differ; a reload restarts a server only when one does.
+    ``max_running_requests`` only informs selection, so it never restarts one."""
+    return [
+        f.name
+        for f in fields(ServerConfig)
+        if f.name not in SELECTION_ONLY_FIELDS and getattr(old, f.name) != getattr(new, f.name)
+    ]
+
+
+SELECTION_ONLY_FIELDS = frozenset({"max_running_requests"})

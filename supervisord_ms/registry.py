@@ -9,7 +9,7 @@ Selection itself is delegated to the pure functions of :mod:`selector`.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from . import selector, states
@@ -74,6 +74,16 @@ class ServerRecord:
     def name(self) -> str:
         return self.config.name
 
+    @property
+    def load(self) -> selector.Load:
+        """The load selection reads; the config's max_running_requests stands in for a
+        capacity the server has not reported."""
+        return selector.Load(
+            running=self.running or 0,
+            queued=self.queued or 0,
+            capacity=self.capacity or self.config.max_running_requests,
+        )
+
     def serving(self, mono: float) -> bool:
         """Ready and not ejected (ejections are timed on the monotonic clock)."""
         return self.state in states.SERVING_STATES and not selector.is_ejected(self.ejection, mono)
@@ -118,29 +128,32 @@ class _Ranking:
     incumbent: selector.Incumbent
     ranked: list[str]  # eligible names, the incumbent first, then fastest first
     latencies: dict[str, float | None]
-    _first_by_key: dict[str, str] = field(default_factory=dict)
+    _order_by_key: dict[str, list[str]] = field(default_factory=dict)
+    _pool: list[str] | None = None
     _speed_order: list[str] | None = None
 
-    def for_key(self, key: str) -> list[str]:
-        """The key's server first, then the rest fastest first (as affinity_rank),
-        remembering each key's server for as long as this ranking lives."""
-        first = self._first_by_key.get(key)
+    def for_key(self, key: str, loads: Mapping[str, selector.Load]) -> list[str]:
+        """The key's server first, then the rest fastest first.
+
+        The key's server is its rendezvous choice among the servers fast enough to
+        own keys (:func:`selector.affinity_pool`), passed over while it is
+        overloaded (:func:`selector.bounded_load_pick`, on the live ``loads``). The
+        key's rendezvous order is remembered for as long as this ranking lives."""
+        order = self._order_by_key.get(key)
+        if order is None:
+            if self._pool is None:
+                self._pool = selector.affinity_pool(
+                    self.ranked, self.latencies, max_ratio=AFFINITY_MAX_RATIO
+                )
+            order = selector.rendezvous_order(key, self._pool)
+            if len(self._order_by_key) >= AFFINITY_CACHE_KEYS:
+                self._order_by_key.clear()
+            self._order_by_key[key] = order
+        first = selector.bounded_load_pick(order, loads)
         if first is None:
-            order = selector.affinity_rank(
-                key, self.ranked, self.latencies, max_ratio=AFFINITY_MAX_RATIO
-            )
-            if not order:
-                return []
-            if len(self._first_by_key) >= AFFINITY_CACHE_KEYS:
-                self._first_by_key.clear()
-            self._first_by_key[key] = first = order[0]
-            return order
+            return []
         if self._speed_order is None:
-            measured = self.latencies
-            self._speed_order = sorted(
-                self.ranked,
-                key=lambda name: (measured.get(name) is None, measured.get(name) or 0.0),
-            )
+            self._speed_order = selector.speed_order(self.ranked, self.latencies)
         return [first, *(name for name in self._speed_order if name != first)]
 
 
@@ -186,8 +199,13 @@ class Registry:
         completion_tokens: int | None = None,
         now: float | None = None,
         mono: float | None = None,
+        lower_bound: bool = False,
     ) -> None:
-        """Fold one probe or client outcome into the server's estimate and ejection."""
+        """Fold one probe or client outcome into the server's estimate and ejection.
+
+        ``lower_bound``: ``latency_s`` is only how long a request had run when it was
+        cut (the early skip); it raises an estimate that is below it and is otherwise
+        ignored: no sample of a latency, no verdict on health."""
         record = self.servers.get(name)
         if record is None:
             return
@@ -195,6 +213,16 @@ class Registry:
         mono = time.monotonic() if mono is None else mono
         record.samples_total += 1
         record.last_sample_at = now
+        if lower_bound:
+            current = record.estimate.value_s
+            if latency_s is not None and (current is None or latency_s > current):
+                record.estimate = selector.update_estimate(
+                    record.estimate,
+                    latency_s,
+                    mono,
+                    half_life_s=ESTIMATE_HALF_LIFE_PROBES * self.probe_interval_s,
+                )
+            return
         if source == "client":
             record.last_client_request_at = mono
         record.ejection = selector.record_outcome(
@@ -301,10 +329,13 @@ class Registry:
                     key, names, ranking.latencies, max_ratio=AFFINITY_MAX_RATIO
                 )
         elif key:
-            names = ranking.for_key(key)
+            names = ranking.for_key(key, self.loads(ranking.ranked))
         else:
             names = ranking.ranked
         return [self.servers[name] for name in names[:count]]
+
+    def loads(self, names: Sequence[str]) -> dict[str, selector.Load]:
+        return {name: self.servers[name].load for name in names}
 
     def counts_by_state(self) -> dict[str, int]:
         counts: dict[str, int] = {}

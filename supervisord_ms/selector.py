@@ -15,6 +15,10 @@ How the pieces fit (see "Choosing the best server" in the design contract):
 * :func:`choose_best` keeps the current best until a challenger is clearly faster for a
   while (hysteresis: a switch throws away SGLang's prefix cache); :func:`rank` orders the
   candidates; :func:`affinity_rank` keeps a conversation (``key``) on one server.
+* :func:`expected_delay` stretches a latency by the server's load; :func:`spread_order`
+  (power of two choices) spreads requests without a key over the fleet, and
+  :func:`bounded_load_choice` keeps a key on its server unless that server is
+  overloaded (consistent hashing with bounded loads).
 * :func:`should_reselect` is the client's rule: re-select on repeated slowness, not on one
   outlier. :func:`seed_policy_reselect` and :func:`seed_policy_best` are the seed's rules,
   kept so the benchmarks can compare.
@@ -32,8 +36,13 @@ __all__ = [
     "Ejection",
     "Incumbent",
     "LatencyEstimate",
+    "Load",
+    "affinity_pool",
     "affinity_rank",
+    "bounded_load_choice",
+    "bounded_load_pick",
     "choose_best",
+    "expected_delay",
     "expected_latency",
     "first_token_deadline",
     "is_ejected",
@@ -46,6 +55,8 @@ __all__ = [
     "seed_policy_best",
     "seed_policy_reselect",
     "should_reselect",
+    "speed_order",
+    "spread_order",
     "update_estimate",
 ]
 
@@ -529,20 +540,25 @@ def affinity_rank(
     names = list(dict.fromkeys(eligible_ranked))
     if not names:
         return []
-    measured: dict[str, float] = {}
-    for n in names:
-        latency = latencies.get(n)
-        if latency is not None:
-            measured[n] = latency
-    if measured:
-        bound = max_ratio * min(measured.values())
-        pool = [n for n in names if n in measured and measured[n] <= bound]
-    else:
-        pool = names
-    first = rendezvous_order(key, pool)[0]
-    rest = [n for n in names if n != first]
-    rest.sort(key=lambda n: (n not in measured, measured.get(n, 0.0)))
-    return [first, *rest]
+    first = rendezvous_order(key, affinity_pool(names, latencies, max_ratio=max_ratio))[0]
+    return [first, *speed_order([n for n in names if n != first], latencies)]
+
+
+def affinity_pool(
+    names: Sequence[str], latencies: Mapping[str, float | None], *, max_ratio: float
+) -> list[str]:
+    """The servers a key may call its own: those no slower than ``max_ratio`` times the
+    fastest measured one (all of them while none is measured)."""
+    measured = {n: lat for n in names if (lat := latencies.get(n)) is not None}
+    if not measured:
+        return list(names)
+    bound = max_ratio * min(measured.values())
+    return [n for n in names if n in measured and measured[n] <= bound]
+
+
+def speed_order(names: Sequence[str], latencies: Mapping[str, float | None]) -> list[str]:
+    """Measured fastest first, unmeasured last, ties in the order given."""
+    return sorted(names, key=lambda n: (latencies.get(n) is None, latencies.get(n) or 0.0))
 
 
 # ---------------------------------------------------------------------------
@@ -588,3 +604,132 @@ def seed_policy_best(candidates: Sequence[Candidate]) -> str | None:
     if not measured:
         return None
     return min(measured, key=_speed_key).name
+
+
+# ---------------------------------------------------------------------------
+# Load: use the whole fleet without herding
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Load:
+    """A server's load: what its scheduler last reported (``running`` in the batch,
+    ``queued`` waiting) and its capacity (``--max-running-requests``; None = unknown)."""
+
+    running: int = 0
+    queued: int = 0
+    capacity: int | None = None
+
+    @property
+    def busy(self) -> int:
+        return self.running + self.queued
+
+
+def _effective_capacity(load: Load) -> int | None:
+    if load.capacity:
+        return load.capacity
+    # A queue means the batch is full: the running count is the capacity.
+    return max(1, load.running) if load.queued else None
+
+
+def expected_delay(latency_s: float | None, load: Load | None, *, extra: int = 0) -> float | None:
+    """How long a new request would take on a server: its latency estimate, stretched
+    by the requests ahead of it.
+
+    SGLang batches continuously: at most ``capacity`` requests run and the rest queue,
+    and each decode step slows as the batch grows. With ``b`` requests there
+    (``extra`` counts requests this caller has in flight that the last report cannot
+    show yet), a new request takes about ``latency x (1 + b / capacity)``: the batch
+    share while there is room, and a turn of the queue per ``capacity`` requests
+    ahead once it is full. Unmeasured servers have no expected delay (None).
+    """
+    if latency_s is None:
+        return None
+    if load is None:
+        return latency_s * (1.0 + extra / SPREAD_UNKNOWN_CAPACITY)
+    capacity = _effective_capacity(load)
+    ahead = load.busy + extra
+    return latency_s * (1.0 + ahead / (capacity or SPREAD_UNKNOWN_CAPACITY))
+
+
+# Assumed batch size of a server that reports no capacity and no queue: SGLang's own
+# default --max-running-requests on a large GPU is in the hundreds; a small figure
+# keeps a caller's own in-flight requests from looking free.
+SPREAD_UNKNOWN_CAPACITY = 16
+
+
+def spread_order(delays: Mapping[str, float | None], rand: float, rand2: float) -> list[str]:
+    """The order in which one request tries the servers: power of two choices.
+
+    Two distinct servers are drawn at random (``rand`` and ``rand2`` in [0, 1)) and
+    the one with the smaller expected delay goes first; the rest follow fastest first
+    (unmeasured last, ties by name). Why not simply the fastest: every caller that
+    shares one snapshot of the fleet would send its traffic to the same server, whose
+    latency then rises while the others idle (herding). Two random choices spread the
+    load nearly as evenly as round robin, yet a server much slower than the rest wins
+    a draw only against a server even more loaded, so it gets little traffic.
+    Unmeasured servers take part in the draw only when no server is measured.
+    """
+    names = sorted(delays)
+    if not names:
+        return []
+    measured = [n for n in names if delays[n] is not None]
+    pool = measured or names
+
+    def speed(n: str) -> tuple[bool, float, str]:
+        d = delays[n]
+        return (d is None, d if d is not None else 0.0, n)
+
+    rest_sorted = sorted(names, key=speed)
+    if len(pool) == 1:
+        first = pool[0]
+    else:
+        i = min(int(rand * len(pool)), len(pool) - 1)
+        j = min(int(rand2 * (len(pool) - 1)), len(pool) - 2)
+        if j >= i:
+            j += 1
+        a, b = pool[i], pool[j]
+        # A tie goes to the first drawn (a random one), never to a fixed favourite.
+        first = b if speed(b)[:2] < speed(a)[:2] else a
+    return [first, *(n for n in rest_sorted if n != first)]
+
+
+def bounded_load_choice(
+    key: str, names: Sequence[str], loads: Mapping[str, Load], *, epsilon: float = 0.25
+) -> str | None:
+    """The key's server under consistent hashing with bounded loads (Mirrokni, Thorup
+    and Zadimoghaddam, 2018): the first server in the key's rendezvous order whose
+    load, with this request, stays within ``(1 + epsilon)`` x its fair share of the
+    fleet's load (shares by capacity where known, else equal), or that still has a
+    free batch slot (a server with room is never overloaded, however small the
+    fleet's load).
+
+    A key keeps its server while that server is not overloaded, moves to its next
+    rendezvous choice only while it is, and comes back once the overload passes, so
+    conversations keep their prefix cache and no server melts under the keys that
+    happen to hash to it. None when ``names`` is empty.
+    """
+    return bounded_load_pick(rendezvous_order(key, names), loads, epsilon=epsilon)
+
+
+def bounded_load_pick(
+    order: Sequence[str], loads: Mapping[str, Load], *, epsilon: float = 0.25
+) -> str | None:
+    """:func:`bounded_load_choice` for a key whose rendezvous ``order`` is known."""
+    if not order:
+        return None
+    caps = {n: (loads.get(n) or Load()).capacity for n in order}
+    known = [c for c in caps.values() if c]
+    default_cap = (sum(known) / len(known)) if known else 1.0
+    weights = {n: float(caps[n] or default_cap) for n in order}
+    total_weight = sum(weights.values())
+    total = sum((loads.get(n) or Load()).busy for n in order) + 1
+    for name in order:
+        load = loads.get(name) or Load()
+        bound = math.ceil((1.0 + epsilon) * total * weights[name] / total_weight)
+        room = _effective_capacity(load)
+        # Over its share, and out of batch slots: only then is a server overloaded. A
+        # probe in flight on an idle fleet must not move anyone's conversation.
+        if load.busy + 1 <= bound or room is None or load.busy + 1 <= room:
+            return name
+    return order[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,7 @@ def test_an_error_moves_to_the_next_candidate_and_both_are_reported(
 ) -> None:
     a, b = sglang("a"), sglang("b", mode="error")
     fake = daemon([b.server_object(), a.server_object()])
-    ms = client(fake, tmp_path)
+    ms = client(fake, tmp_path, spread=False)
     result = ms.get_completion("hi")
     assert (result.server, result.attempts) == ("a", 2)
     ms.close()  # flushes the reporter
@@ -74,7 +75,7 @@ def test_an_error_moves_to_the_next_candidate_and_both_are_reported(
 
 def test_a_4xx_is_raised_at_once_without_trying_elsewhere(sglang, daemon, tmp_path) -> None:
     a, b = sglang("a"), sglang("b", mode="reject")
-    ms = client(daemon([b.server_object(), a.server_object()]), tmp_path)
+    ms = client(daemon([b.server_object(), a.server_object()]), tmp_path, spread=False)
     with pytest.raises(RequestRejected, match=r"b \(127\.0\.0\.1:\d+\) rejected .* HTTP 400"):
         ms.get_completion("hi", max_tokens=10**9)
     assert not a.requests
@@ -87,7 +88,7 @@ def test_at_most_max_retry_distinct_servers_then_one_message(sglang, daemon, tmp
     c = sglang("c", mode="hang")
     d = sglang("d")
     objs = [x.server_object(**FAST) for x in (a, b, c, d)]
-    ms = client(daemon(objs), tmp_path, max_retry=3)
+    ms = client(daemon(objs), tmp_path, max_retry=3, spread=False)
     started = time.monotonic()
     with pytest.raises(NoServerAvailable) as caught:
         ms.get_completion("hi")
@@ -127,7 +128,7 @@ def test_a_hung_server_costs_the_first_token_deadline_not_the_timeout(
 def test_a_server_that_failed_is_tried_last_next_time(sglang, daemon, tmp_path) -> None:
     a, b = sglang("a"), sglang("b")
     a.stop()
-    ms = client(daemon([a.server_object(), b.server_object()]), tmp_path)
+    ms = client(daemon([a.server_object(), b.server_object()]), tmp_path, spread=False)
     assert ms.get_completion("hi").attempts == 2
     assert ms.get_completion("hi").attempts == 1
 
@@ -151,7 +152,7 @@ def test_one_slow_request_does_not_move_the_client(sglang, daemon, tmp_path) -> 
     b = sglang("b")
     usual = {"latency_s": 0.3, "ttft_s": 0.05, "latency_per_token_s": 0.02}
     fake = daemon([a.server_object(**usual), b.server_object(**usual)])
-    ms = client(fake, tmp_path)
+    ms = client(fake, tmp_path, spread=False)
     ms.get_completion("hi")
     a.token_s = 0.1  # one outlier: 0.3 s where 2 x (0.05 + 4 x 0.02) = 0.26 s is allowed
     assert ms.get_completion("hi").latency_s > 0.26
@@ -186,7 +187,7 @@ def test_stream_completion_yields_text_then_the_completion(sglang, daemon, tmp_p
 def test_a_stream_broken_after_text_cannot_be_retried(sglang, daemon, tmp_path) -> None:
     a, b = sglang("a", mode="stall"), sglang("b")
     fake = daemon([a.server_object(), b.server_object()])
-    ms = client(fake, tmp_path, idle_timeout_s=0.3)
+    ms = client(fake, tmp_path, idle_timeout_s=0.3, spread=False)
     got = []
     with pytest.raises(StreamInterrupted, match="failed mid-answer") as caught:
         for chunk in ms.stream_completion("hi"):
@@ -194,7 +195,7 @@ def test_a_stream_broken_after_text_cannot_be_retried(sglang, daemon, tmp_path) 
     assert got == ["Hello"] and caught.value.partial_text == "Hello"
     assert not b.requests
     # The whole-answer call has shown nothing yet: it retries elsewhere.
-    fresh = client(fake, tmp_path, idle_timeout_s=0.3)
+    fresh = client(fake, tmp_path, idle_timeout_s=0.3, spread=False)
     result = fresh.get_completion("hi")
     assert (result.server, result.attempts, result.text) == ("b", 2, "Hello, world!")
 
@@ -244,3 +245,49 @@ def test_one_object_serves_many_threads(sglang, daemon, tmp_path) -> None:
     assert a.connections <= 8  # kept alive and reused
     ms.close()
     wait_for(lambda: len(fake.samples) == 40, what="40 samples reported")
+
+
+# --- spreading requests without a key ---------------------------------------------------
+
+
+def test_requests_without_a_key_spread_over_equal_servers(sglang, daemon, tmp_path) -> None:
+    """Callers sharing one answer of the daemon must not all land on its first server."""
+    fakes = [sglang(name) for name in "abcd"]
+    fake = daemon([f.server_object(running=0, queued=0, capacity=4) for f in fakes])
+    ms = client(fake, tmp_path)
+    served = Counter(ms.get_completion("hi", max_tokens=4).server for _ in range(80))
+    assert set(served) == set("abcd"), served
+    assert max(served.values()) <= 40, served  # the daemon's first is not everyone's
+    # the whole fleet is asked for, not the best max_retry
+    assert fake.best_queries()[0]["n"] == "16"
+
+
+def test_a_much_slower_server_gets_little_traffic(sglang, daemon, tmp_path) -> None:
+    fakes = [sglang(name) for name in "abc"]
+    objs = [
+        fakes[0].server_object(latency_s=0.3, running=0, queued=0, capacity=4),
+        fakes[1].server_object(latency_s=0.3, running=0, queued=0, capacity=4),
+        fakes[2].server_object(latency_s=0.9, running=0, queued=0, capacity=4),
+    ]
+    ms = client(daemon(objs), tmp_path)
+    served = Counter(ms.get_completion("hi", max_tokens=4).server for _ in range(60))
+    assert served["c"] == 0, served  # it wins a draw only against a busier server
+    assert served["a"] >= 15 and served["b"] >= 15, served
+
+
+def test_a_loaded_server_is_passed_over(sglang, daemon, tmp_path) -> None:
+    a, b = sglang("a"), sglang("b")
+    objs = [
+        a.server_object(latency_s=0.3, running=4, queued=12, capacity=4),
+        b.server_object(latency_s=0.3, running=1, queued=0, capacity=4),
+    ]
+    ms = client(daemon(objs), tmp_path)
+    served = Counter(ms.get_completion("hi", max_tokens=4).server for _ in range(20))
+    assert served == Counter({"b": 20})
+
+
+def test_a_session_key_keeps_the_daemons_order(sglang, daemon, tmp_path) -> None:
+    fakes = [sglang(name) for name in "abc"]
+    fake = daemon([f.server_object(running=0, queued=0, capacity=4) for f in fakes])
+    ms = client(fake, tmp_path, session_key="conv-1")
+    assert {ms.get_completion("hi", max_tokens=4).server for _ in range(10)} == {"a"}

@@ -326,7 +326,7 @@ def test_an_error_chunk_after_the_200_moves_to_the_next_server(
     a = sglang("a", mode="error-chunk", error_chunk=chunk)
     b = sglang("b")
     fake = daemon([a.server_object(), b.server_object()])
-    result = client(fake, tmp_path).get_completion("hi")
+    result = client(fake, tmp_path, spread=False).get_completion("hi")
     assert (result.server, result.attempts, result.text) == ("b", 2, "Hello, world!")
     fake.servers = [a.server_object()]
     alone = client(fake, tmp_path)
@@ -339,7 +339,7 @@ def test_a_4xx_error_chunk_is_the_callers_fault(sglang, daemon, tmp_path) -> Non
     chunk = {"object": "error", "message": "input too long", "code": 400}
     a = sglang("a", mode="error-chunk", error_chunk=chunk)
     b = sglang("b")
-    ms = client(daemon([a.server_object(), b.server_object()]), tmp_path)
+    ms = client(daemon([a.server_object(), b.server_object()]), tmp_path, spread=False)
     with pytest.raises(RequestRejected, match="HTTP 400: input too long"):
         ms.get_completion("hi")
     assert not b.requests

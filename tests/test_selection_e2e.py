@@ -187,8 +187,10 @@ def test_servers_table_lists_unmanaged_servers_with_their_state(daemon_factory, 
     ).start()
     d.wait_state("probed", "ready", 15)
     wait_until(
-        lambda: d.query("select state, local, pid from servers where name='probed'")
-        == [("ready", 1, None)],
+        lambda: (
+            d.query("select state, local, pid from servers where name='probed'")
+            == [("ready", 1, None)]
+        ),
         10,
         "servers row of the probed server",
     )
