@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-all lint demo bench install clean system-deps
+.PHONY: venv test test-all lint demo demo-up demo-down env bench install clean system-deps
 
 INSTALL_VENV ?= /opt/modelserverd
 INSTALL_EXTRAS ?=
@@ -49,6 +49,18 @@ conformance: venv
 
 demo: venv
 	$(PY) -m supervisord_ms.cli demo
+	@echo "To use the tools by name: source $(VENV)/bin/activate"
+
+# The demo's daemon and servers stay up for trying things by hand; demo-down stops them.
+demo-up: venv
+	$(PY) -m supervisord_ms.cli demo --keep-running
+
+demo-down: venv
+	$(PY) -m supervisord_ms.cli demo --stop
+
+# For a shell: prints the line that puts modelserverd and ms-client on PATH.
+env: venv
+	@echo "source $(VENV)/bin/activate"
 
 # bench/run.py installs the peer it compares with (sglang-router) into the venv.
 bench: venv system-deps

@@ -562,18 +562,29 @@ def reload(config_path: str | None, as_json: bool) -> None:
     default="demo-run",
     show_default=True,
     type=click.Path(file_okay=False),
-    help="Where the demo writes its files.",
+    help="Where the demo writes its files (a new or empty folder, or one an earlier "
+    "demo made; nothing else is ever deleted).",
 )
-@click.option("--keep-running", is_flag=True, help="Leave the daemon running at the end.")
-def demo(workdir: str, keep_running: bool) -> None:
+@click.option(
+    "--keep-running",
+    is_flag=True,
+    help="Leave the daemon and its servers running at the end, and print the commands "
+    "to go on by hand.",
+)
+@click.option("--stop", is_flag=True, help="Stop the daemon a --keep-running demo left.")
+def demo(workdir: str, keep_running: bool, stop: bool) -> None:
     """Run the whole loop on simulated GPUs and simulated SGLang servers.
 
     Example:
 
+    \b
         modelserverd demo
+        modelserverd demo --keep-running     # then: modelserverd demo --stop
     """
-    from .demo import run_demo
+    from .demo import run_demo, stop_demo
 
+    if stop:
+        sys.exit(stop_demo(Path(workdir)))
     sys.exit(run_demo(Path(workdir), keep_running=keep_running))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -19,6 +20,22 @@ from pathlib import Path
 
 from .apiclient import DaemonUnreachable, call
 from .gpus import write_file_gpu_view
+from .launcher import free_tcp_port
+
+# A folder holding this file was made by the demo, and only such a folder is ever
+# emptied by it: `--dir .` or `--dir ~` must never lose a user's files.
+MARKER = ".modelserverd-demo"
+PIDFILE = "daemon.pid"
+READY_TIMEOUT_S = 60.0
+# A server stuck this long in a state that needs someone else (a busy port, a
+# GPU held by another process) fails the demo with the daemon's reason.
+STUCK_S = 5.0
+STUCK_STATES = ("port_busy", "waiting_gpu")
+
+
+class DemoError(Exception):
+    """The demo cannot go on; the message says why and what to do."""
+
 
 AUDIT_QUERY = """\
 SELECT server, reason, count(*) AS restarts
@@ -28,15 +45,32 @@ GROUP BY server, reason
 ORDER BY restarts DESC, server;"""
 
 
-def demo_config(workdir: Path) -> str:
-    """A config for three simulated servers on 127.0.0.1 (two 8B, one 70B on 2 GPUs)."""
+def demo_config(workdir: Path, ports: list[int] | None = None) -> str:
+    """A config for three simulated servers on 127.0.0.1 (two 8B, one 70B on 2 GPUs),
+    on ``ports`` (default: free ones)."""
     py = sys.executable
+    if ports is None:
+        ports = []
+        for _ in range(3):
+            ports.append(free_tcp_port(ports))
     servers = [
-        ("sim-8b-a", 31801, "8B", [0], ["--sim-ttft-s", "0.05", "--sim-token-latency-s", "0.004"]),
-        ("sim-8b-b", 31802, "8B", [1], ["--sim-ttft-s", "0.08", "--sim-token-latency-s", "0.008"]),
+        (
+            "sim-8b-a",
+            ports[0],
+            "8B",
+            [0],
+            ["--sim-ttft-s", "0.05", "--sim-token-latency-s", "0.004"],
+        ),
+        (
+            "sim-8b-b",
+            ports[1],
+            "8B",
+            [1],
+            ["--sim-ttft-s", "0.08", "--sim-token-latency-s", "0.008"],
+        ),
         (
             "sim-70b",
-            31803,
+            ports[2],
             "70B",
             [2, 3],
             ["--sim-ttft-s", "0.15", "--sim-token-latency-s", "0.02"],
@@ -96,29 +130,113 @@ def _step(title: str) -> None:
     print(f"\n=== {title}", flush=True)
 
 
-def _run(argv: list[str], **kw) -> int:
-    print("$ " + " ".join(argv), flush=True)
+def _show(argv: list[str]) -> None:
+    """A command as a person would paste it: the tools by name, arguments quoted."""
+    print("$ " + shlex.join(argv), flush=True)
+
+
+def _run(shown: list[str], argv: list[str], **kw) -> int:
+    _show(shown)
     return subprocess.call(argv, **kw)
 
 
-def _wait_ready(socket_path: str, count: int, timeout: float) -> bool:
+def prepare_workdir(workdir: Path) -> None:
+    """Create ``workdir``, or empty one an earlier demo made. Anything else that is
+    not empty is refused: the demo never deletes what it did not create."""
+    if workdir.exists() and not workdir.is_dir():
+        raise DemoError(f"{workdir} is a file; give the demo a folder (--dir DIR)")
+    if workdir.is_dir() and any(workdir.iterdir()):
+        if not (workdir / MARKER).exists():
+            raise DemoError(
+                f"{workdir} is not empty and was not made by `modelserverd demo`; "
+                "nothing was deleted. Give an empty or new folder (--dir DIR)"
+            )
+        _stop_left_running(workdir)
+        for child in workdir.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text("made by `modelserverd demo`; it may empty this folder\n")
+
+
+def _stop_left_running(workdir: Path) -> None:
+    """A daemon an earlier `--keep-running` demo left in this folder is stopped first."""
+    pid = _demo_pid(workdir)
+    if pid is not None:
+        stop_demo(workdir)
+
+
+def _demo_pid(workdir: Path) -> int | None:
+    try:
+        pid = int((workdir / PIDFILE).read_text().split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except (OSError, ValueError, IndexError):
+        return None
+    # Only our own daemon, running on this demo's config, is ever signalled.
+    return pid if str(workdir / "config.toml") in cmdline or "supervisord_ms" in cmdline else None
+
+
+def stop_demo(workdir: Path) -> int:
+    """Stop the daemon a `--keep-running` demo left in ``workdir`` (SIGTERM: it stops
+    every server first). Returns 0, or 1 when there was none."""
+    workdir = workdir.resolve()
+    pid = _demo_pid(workdir)
+    if pid is None:
+        print(f"no demo daemon is running from {workdir}")
+        return 1
+    print(f"stopping the demo daemon (pid {pid}); it stops its servers first")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.1)
+    (workdir / PIDFILE).unlink(missing_ok=True)
+    print("stopped")
+    return 0
+
+
+def _wait_ready(socket_path: str, count: int, timeout: float, daemon: subprocess.Popen) -> None:
+    """Wait for ``count`` ready servers, printing each change of state; fail fast
+    with the daemon's own reason when it exits or a server cannot start."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    seen: dict[str, str] = {}
+    stuck_since: dict[str, float] = {}
+    while True:
+        if daemon.poll() is not None:
+            raise DemoError(f"the daemon exited with {daemon.returncode}; see daemon.log")
         try:
             servers = call(socket_path, "GET", "/v1/servers", timeout=2)["servers"]
-            if sum(s["state"] == "ready" for s in servers) >= count:
-                return True
         except DaemonUnreachable:
-            pass
+            servers = []
+        now = time.monotonic()
+        for server in servers:
+            name, state = server["name"], server["state"]
+            if seen.get(name) != state:
+                seen[name] = state
+                print(f"  {name}: {state}", flush=True)
+            if state == "fatal":
+                raise DemoError(f"{name} is fatal: {server.get('last_error')}")
+            if state in STUCK_STATES:
+                since = stuck_since.setdefault(name, now)
+                if now - since > STUCK_S:
+                    raise DemoError(f"{name} is {state}: {server.get('last_error')}")
+            else:
+                stuck_since.pop(name, None)
+        if sum(s["state"] == "ready" for s in servers) >= count:
+            return
+        if now >= deadline:
+            raise DemoError(f"servers not ready after {timeout:g} s; see daemon.log")
         time.sleep(0.2)
-    return False
 
 
 def run_demo(workdir: Path, *, keep_running: bool = False) -> int:
     workdir = workdir.resolve()
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    (workdir / "logs").mkdir(parents=True)
+    try:
+        prepare_workdir(workdir)
+    except DemoError as exc:
+        print(f"modelserverd demo: {exc}", file=sys.stderr)
+        return 2
     write_file_gpu_view(str(workdir / "gpus.json"), 4)
     config_path = workdir / "config.toml"
     config_path.write_text(demo_config(workdir))
@@ -128,83 +246,111 @@ def run_demo(workdir: Path, *, keep_running: bool = False) -> int:
     env = dict(os.environ, MODELSERVERD_CONFIG=str(config_path))
 
     print("modelserverd demo: SIMULATED GPUs and SIMULATED SGLang servers (no real model).")
-    print(f"Files in {workdir}")
+    print(f"Files in {workdir}; every command below reads MODELSERVERD_CONFIG={config_path}")
     _step("1. Validate the config and show the exact launch commands")
-    if _run([*me, "check-config"], env=env) != 0:
+    if _run(["modelserverd", "check-config"], [*me, "check-config"], env=env) != 0:
         return 1
 
     _step("2. Start the daemon (it launches the servers when their GPUs are free)")
     daemon_log = open(workdir / "daemon.log", "wb")  # noqa: SIM115 - lives with the daemon
-    print(f"$ modelserverd run --config {config_path}  (log: {workdir / 'daemon.log'})")
-    daemon = subprocess.Popen([*me, "run"], env=env, stdout=daemon_log, stderr=subprocess.STDOUT)
+    _show(["modelserverd", "run", "--config", str(config_path)])
+    print(f"  (its log: {workdir / 'daemon.log'})")
+    daemon = subprocess.Popen(
+        [*me, "run"],
+        env=env,
+        stdout=daemon_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=keep_running,
+    )
+    (workdir / PIDFILE).write_text(f"{daemon.pid}\n")
+    ok = False
     try:
-        if not _wait_ready(socket_path, 3, 60):
-            print("servers did not become ready in 60 s; see daemon.log", file=sys.stderr)
-            print((workdir / "daemon.log").read_text()[-3000:], file=sys.stderr)
-            return 1
+        print("waiting for the three servers (weights load, then warm-up):")
+        _wait_ready(socket_path, 3, READY_TIMEOUT_S, daemon)
         time.sleep(2.5)  # let a couple of probe rounds measure latency
-        _step("3. Status (modelserverd status)")
-        _run([*me, "status"], env=env)
+        _step("3. Status")
+        _run(["modelserverd", "status"], [*me, "status"], env=env)
         _step("4. GPUs (simulated)")
-        _run([*me, "gpus"], env=env)
+        _run(["modelserverd", "gpus"], [*me, "gpus"], env=env)
 
         _step("5. A completion through ms-client (the daemon picks the server)")
-        _run([*client, "best", "--model-size", "8B"], env=env)
         _run(
-            [
-                *client,
-                "complete",
-                "Tell me about supervisors.",
-                "--model-size",
-                "8B",
-                "--max-tokens",
-                "24",
-                "--json",
-            ],
+            ["ms-client", "best", "--model-size", "8B"],
+            [*client, "best", "--model-size", "8B"],
             env=env,
         )
+        ask = [
+            "complete",
+            "Tell me about supervisors.",
+            "--model-size",
+            "8B",
+            "--max-tokens",
+            "24",
+            "--json",
+        ]
+        _run(["ms-client", *ask], [*client, *ask], env=env)
 
         _step("6. Kill the fastest 8B server with SIGKILL: the daemon relaunches it")
         best = call(socket_path, "GET", "/v1/best?model_size=8B&n=1")["candidates"][0]
         print(f"$ kill -9 {best['pid']}   # {best['name']}")
         os.kill(best["pid"], signal.SIGKILL)
-        _run(
-            [
-                *client,
-                "complete",
-                "Are you still there?",
-                "--model-size",
-                "8B",
-                "--max-tokens",
-                "8",
-                "--json",
-            ],
-            env=env,
-        )
+        again = [
+            "complete",
+            "Are you still there?",
+            "--model-size",
+            "8B",
+            "--max-tokens",
+            "8",
+            "--json",
+        ]
+        _run(["ms-client", *again], [*client, *again], env=env)
         time.sleep(0.5)
-        _wait_ready(socket_path, 3, 30)
-        _run([*me, "history", "--server", best["name"], "--since", "1h"], env=env)
+        _wait_ready(socket_path, 3, 30, daemon)
+        history = ["history", "--server", best["name"], "--since", "1h"]
+        _run(["modelserverd", *history], [*me, *history], env=env)
 
         _step("7. Audit the state database with plain SQL")
         db = workdir / "state.db"
-        print(f'$ sqlite3 {db} "{AUDIT_QUERY}"')
+        _show(["sqlite3", str(db), AUDIT_QUERY])
         if shutil.which("sqlite3"):
             subprocess.call(["sqlite3", "-header", "-column", str(db), AUDIT_QUERY])
         else:
             with sqlite3.connect(db) as conn:
                 for row in conn.execute(AUDIT_QUERY):
                     print(*row, sep="  ")
-        print("\nDemo complete.")
-        if keep_running:
-            print(f"Daemon left running (pid {daemon.pid}); stop it with: kill {daemon.pid}")
-            return 0
+        ok = True
+    except DemoError as exc:
+        print(f"\nmodelserverd demo: {exc}", file=sys.stderr)
+        print((workdir / "daemon.log").read_text()[-3000:], file=sys.stderr)
     finally:
-        if not keep_running:
+        if not (keep_running and ok):
             _step("8. Stop the daemon (SIGTERM stops every server, nothing is left behind)")
             daemon.send_signal(signal.SIGTERM)
             try:
-                daemon.wait(30)
+                daemon.wait(60)
             except subprocess.TimeoutExpired:
                 daemon.kill()
+            (workdir / PIDFILE).unlink(missing_ok=True)
             print(f"daemon exited with {daemon.returncode}")
+    if not ok:
+        return 1
+    if keep_running:
+        _print_next_steps(workdir, config_path, daemon.pid)
+    print("\nDemo complete.")
     return 0
+
+
+def _print_next_steps(workdir: Path, config_path: Path, pid: int) -> None:
+    """Commands to paste into a shell to go on by hand (each one works as printed)."""
+    bin_dir = Path(sys.executable).parent
+    print(f"\nThe daemon keeps running (pid {pid}). Go on by hand:\n")
+    lines = [
+        f"export MODELSERVERD_CONFIG={shlex.quote(str(config_path))}",
+        f'export PATH={shlex.quote(str(bin_dir))}:"$PATH"',
+        "modelserverd status",
+        "ms-client complete " + shlex.quote("Say hello in one short sentence."),
+        "modelserverd history --since 1h",
+        f"modelserverd demo --stop --dir {shlex.quote(str(workdir))}   # or: make demo-down",
+    ]
+    for line in lines:
+        print(f"  {line}")
