@@ -74,6 +74,23 @@ config_option = click.option(
     help="Config file (default: $MODELSERVERD_CONFIG, else /etc/modelserverd/config.toml).",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
+
+
+def _check_size(model_size: str, config: str | None) -> None:
+    """A size that differs from a configured one only in case is a typo: say so, as a
+    usage error, instead of searching for a server that cannot exist."""
+    loaded, _, _ = _load(config)
+    sizes = sorted({s.model_size for s in loaded.servers}) if loaded else []
+    if not sizes or model_size in sizes:
+        return
+    near = [s for s in sizes if s.lower() == model_size.lower()]
+    if near:
+        raise click.UsageError(
+            f"no model size {model_size!r}; did you mean {near[0]!r}? "
+            f"(sizes in the config: {', '.join(sizes)})"
+        )
+
+
 size_option = click.option(
     "--model-size", default="8B", show_default=True, help="Model size, as in the config."
 )
@@ -215,6 +232,7 @@ def complete(
         echo "Summarise: ..." | ms-client complete - --model-size 70B --json
         ms-client complete "Weather in Paris?" --tools tools.json --json
     """
+    _check_size(model_size, config)
     if prompt == "-":
         prompt = sys.stdin.read()
     kwargs: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
@@ -299,6 +317,7 @@ def best(model_size: str, as_json: bool, config: str | None) -> None:
         ms-client best --model-size 8B
         ms-client best --model-size 70B --json | jq -r '.candidates[0].url'
     """
+    _check_size(model_size, config)
     setup = _Setup(config)
     n = setup.config.client.max_retry if setup.config else 3
     try:

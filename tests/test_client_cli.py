@@ -219,3 +219,16 @@ def test_a_readable_default_config_is_not_required_when_the_daemon_answers(
     ms2 = ModelServer("8B", socket_path=fake.socket_path)
     with pytest.raises(ConfigProblem, match="absent.toml: no such config file"):
         ms2.get_completion("hi")
+
+
+@pytest.mark.parametrize("command", ["complete", "best"])
+def test_a_size_in_the_wrong_case_is_a_usage_error_with_a_suggestion(
+    sglang, daemon, tmp_path, command
+) -> None:
+    a = sglang("a")
+    config = with_daemon(daemon([a.server_object()]), tmp_path, [a])
+    args = [command, "hi"] if command == "complete" else [command]
+    result = CliRunner().invoke(cli, [*args, "--model-size", "8b", "--config", config])
+    assert result.exit_code == 2, result.output
+    assert "no model size '8b'; did you mean '8B'?" in result.output
+    assert not a.requests
