@@ -140,6 +140,47 @@ def _set_timeout(sock: socket.socket | None, deadline: float) -> None:
         sock.settimeout(remaining)
 
 
+# A socket timeout already set is kept while the deadline it implies is within this
+# of the one asked for: a stream reads a line per token, and a settimeout per line
+# was a fifth of the client's own time per request.
+TIMEOUT_SLACK_S = 0.05
+
+
+class _Deadline:
+    """The socket timeout of one stream, set again only when its deadline moves."""
+
+    __slots__ = ("_sock", "_until")
+
+    def __init__(self, sock: socket.socket | None):
+        self._sock = sock
+        self._until: float | None = None
+
+    def apply(self, deadline: float) -> None:
+        now = time.monotonic()
+        if deadline <= now:
+            raise TransportError("deadline passed", timeout=True)
+        if self._sock is None:
+            return
+        if self._until is not None and abs(self._until - deadline) <= TIMEOUT_SLACK_S:
+            return
+        self._sock.settimeout(deadline - now)
+        self._until = deadline
+
+
+class _OneWriteConnection(http.client.HTTPConnection):
+    """Sends a request's headers and bytes body in one write: two writes cost an extra
+    system call, and with delayed ACKs can hold the body back on the wire."""
+
+    def _send_output(self, message_body: Any = None, encode_chunked: bool = False) -> None:
+        if isinstance(message_body, bytes) and not encode_chunked:
+            self._buffer.extend((b"", b""))
+            message = b"\r\n".join(self._buffer) + message_body
+            del self._buffer[:]
+            self.send(message)
+            return
+        super()._send_output(message_body, encode_chunked)
+
+
 class HttpEventStream:
     """Server-sent events from one HTTP response, read under deadlines."""
 
@@ -156,6 +197,7 @@ class HttpEventStream:
         self._conn = conn
         self._sock = sock
         self._resp = resp
+        self._timeout = _Deadline(sock)
         self._lock = threading.Lock()
         self._closed = False
         self._body_done = False
@@ -163,7 +205,7 @@ class HttpEventStream:
         self.is_sse = "text/event-stream" in content_type.lower()
 
     def _readline(self, deadline: float) -> bytes:
-        _set_timeout(self._sock, deadline)
+        self._timeout.apply(deadline)
         try:
             return self._resp.readline(MAX_LINE)
         except TimeoutError:
@@ -200,7 +242,7 @@ class HttpEventStream:
     def _read_rest(self, deadline: float) -> bytes:
         chunks: list[bytes] = []
         while True:
-            _set_timeout(self._sock, deadline)
+            self._timeout.apply(deadline)
             try:
                 chunk = self._resp.read1(65536)
             except TimeoutError:
@@ -301,7 +343,7 @@ class HttpTransport:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TransportError("timed out", timeout=True)
-                conn = http.client.HTTPConnection(host, port, timeout=remaining)
+                conn = _OneWriteConnection(host, port, timeout=remaining)
             try:
                 if conn.sock is None:
                     conn.connect()

@@ -3,6 +3,7 @@ and the background sample reporter."""
 
 from __future__ import annotations
 
+import http.client
 import socket
 import threading
 import time
@@ -299,3 +300,30 @@ def test_reporter_never_blocks_and_drops_when_full(short_dir: Path) -> None:
         assert reporter.sent == 0
     finally:
         sock.close()
+
+
+def test_a_request_is_one_write_and_few_timeout_changes(sglang, monkeypatch) -> None:
+    """The client's own cost per request: headers and body leave in one write, and the
+    socket timeout is set again only when the deadline moves, not once per line."""
+    fake = sglang("a")
+    transport = HttpTransport()
+    attempt(transport, fake)  # a connection to reuse
+    sends: list[int] = []
+    timeouts: list[float | None] = []
+    real_send = http.client.HTTPConnection.send
+    real_settimeout = socket.socket.settimeout
+
+    def counting_send(self, data):
+        sends.append(len(data))
+        return real_send(self, data)
+
+    def counting_settimeout(self, value):
+        timeouts.append(value)
+        return real_settimeout(self, value)
+
+    monkeypatch.setattr(http.client.HTTPConnection, "send", counting_send)
+    monkeypatch.setattr(socket.socket, "settimeout", counting_settimeout)
+    chunks, _ = attempt(transport, fake)
+    assert "".join(chunks) == "Hello, world!"
+    assert len(sends) == 1, sends
+    assert len(timeouts) <= 4, timeouts
