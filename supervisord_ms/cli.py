@@ -25,6 +25,7 @@ from .errors import ModelServerdError
 EXIT_CONFIG = 4
 EXIT_RUN_CONFIG = 78  # EX_CONFIG: the unit's RestartPreventExitStatus, no restart loop
 EXIT_UNREACHABLE = 3
+RUN_UMASK = 0o027  # `run`: no bits for others, no write for the group
 
 config_option = click.option(
     "--config",
@@ -160,6 +161,11 @@ def run(config_path: str | None, log_level: str) -> None:
 
     from .logsetup import setup_logging
 
+    # The unit sets UMask=0027; started any other way the daemon would inherit the
+    # shell's, often 022, and state.db and the server logs (which hold prompts)
+    # would be readable by every user of the host. 027 at least: a stricter umask
+    # is kept. Set first, before any file or directory is made.
+    os.umask(os.umask(RUN_UMASK) | RUN_UMASK)
     faulthandler.enable()  # a watchdog SIGABRT prints every thread's stack to the journal
     setup_logging(getattr(logging, log_level.upper()))
     config = _load(config_path, local=True, exit_code=EXIT_RUN_CONFIG)
@@ -256,12 +262,38 @@ def _load_cell(server: dict) -> str:
     return f"{running}+{queued}/{capacity if capacity else '?'}"
 
 
+def _writer_line(writer: Any) -> str | None:
+    """The state database writer's health (``/v1/status`` "writer") as one line,
+    or ``None`` while it writes and has dropped nothing."""
+    if not isinstance(writer, dict):
+        return None
+    ok = writer.get("ok", True) is not False
+    dropped = writer.get("dropped_samples") or 0
+    if ok and not dropped:
+        return None
+    error = writer.get("last_error") or "no error text"
+    parts = []
+    if not ok:
+        parts.append(f"writes are failing: {error}")
+        parts.append(
+            f"{writer.get('queued_events', 0)} events/restarts and "
+            f"{writer.get('queued_samples', 0)} latency samples wait to be written"
+        )
+    if dropped:
+        parts.append(f"{dropped} latency samples dropped since the daemon started")
+        if ok:
+            parts.append(f"last error: {error}")
+    return "state database: " + "; ".join(parts)
+
+
 @cli.command()
 @config_option
 @json_option
 def status(config_path: str | None, as_json: bool) -> None:
     """One row per server: state, pid, uptime, SGLang version, latency, load (running
-    +queued/capacity, from SGLang's scheduler), restarts in 24 h.
+    +queued/capacity, from SGLang's scheduler), restarts in 24 h. A line under the
+    daemon's says so when the state database cannot be written or latency samples
+    were dropped.
 
     Example:
 
@@ -290,6 +322,9 @@ def status(config_path: str | None, as_json: bool) -> None:
         f"{_duration(info.get('uptime_s'))}, config {info.get('config_path')}"
         + (f"; {counts}" if counts else "")
     )
+    writer_line = _writer_line(info.get("writer"))
+    if writer_line:
+        click.echo(click.style(writer_line, fg="red") if _colour() else writer_line)
     if info.get("gpu_error"):
         click.echo(f"GPU view: {info['gpu_error']}")
     rows = []

@@ -15,6 +15,8 @@ warnings (:attr:`Config.warnings`, same "file: key: ..." form), which
 from __future__ import annotations
 
 import difflib
+import json
+import math
 import os
 import re
 import sys
@@ -32,7 +34,16 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 DEFAULT_CONFIG_PATH = Path("/etc/modelserverd/config.toml")
 CONFIG_ENV_VAR = "MODELSERVERD_CONFIG"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+# \A and \Z, not ^ and $: "$" also matches before a trailing newline, and a name
+# ends up in file names (logs/<name>.log), URLs and log lines.
+NAME_PATTERN = re.compile(r"\A[A-Za-z0-9._-]+\Z")
+# Latency samples are kept this many days at most: beyond it the retention cutoff
+# is meaningless (and far enough beyond it, not a date at all).
+MAX_RETENTION_DAYS = 3650
+# The systemd unit (systemd/modelserverd.service) makes the socket's directory:
+# RuntimeDirectory=modelserverd, RuntimeDirectoryMode=0750, Group=modelserver.
+UNIT_RUNTIME_DIR = "/run/modelserverd"
+UNIT_GROUP = "modelserver"
 
 # SGLang's own health check (docs/sglang.md, section 1). Since PR #8444 (2025-07)
 # /health and /health_generate are one handler (entrypoints/http_server.py):
@@ -177,7 +188,11 @@ Check = Callable[[Any], "str | None"]  # returns what was expected, or None when
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """An int or a finite float: TOML's ``inf`` passes every "> 0" check and then
+    breaks the arithmetic of timers and cutoffs far from where it was written."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return isinstance(v, int) or math.isfinite(v)
 
 
 def _positive_number(v: Any) -> str | None:
@@ -186,6 +201,12 @@ def _positive_number(v: Any) -> str | None:
 
 def _non_negative_number(v: Any) -> str | None:
     return None if _is_number(v) and v >= 0 else "a number >= 0"
+
+
+def _retention_days(v: Any) -> str | None:
+    if _is_number(v) and 0 < v <= MAX_RETENTION_DAYS:
+        return None
+    return f"a number > 0 and <= {MAX_RETENTION_DAYS} (days; ten years at most)"
 
 
 def _ratio(v: Any) -> str | None:
@@ -213,9 +234,26 @@ def _string_list(v: Any) -> str | None:
     return None if ok else 'a list of strings, e.g. ["--mem-fraction-static", "0.85"]'
 
 
-def _string_table(v: Any) -> str | None:
-    ok = isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
-    return None if ok else 'a table of strings, e.g. {SGLANG_LOG_LEVEL = "info"}'
+def _env_table(v: Any) -> str | None:
+    """A launch environment: names and values as ``execve`` takes them. A name
+    with "=" or a NUL, an empty name, or a value with a NUL makes the launch fail
+    (ValueError in the child's set-up), and the server would go fatal at run time
+    over a config that check-config had passed."""
+    if not (isinstance(v, dict) and all(isinstance(x, str) for x in v.values())):
+        return 'a table of strings, e.g. {SGLANG_LOG_LEVEL = "info"}'
+    bad_names = [k for k in v if not k or "=" in k or "\0" in k]
+    if bad_names:
+        return (
+            'environment variable names that are not empty and hold no "=" and no NUL '
+            f"character (not {', '.join(_show(k) for k in bad_names)})"
+        )
+    bad_values = [k for k, x in v.items() if "\0" in x]
+    if bad_values:
+        return (
+            "values without a NUL character "
+            f"(the value of {', '.join(_show(k) for k in bad_values)} has one)"
+        )
+    return None
 
 
 def _bool(v: Any) -> str | None:
@@ -240,7 +278,7 @@ def _port(v: Any) -> str | None:
 
 
 def _name(v: Any) -> str | None:
-    ok = isinstance(v, str) and NAME_PATTERN.match(v)
+    ok = isinstance(v, str) and NAME_PATTERN.fullmatch(v)
     return None if ok else "a name of letters, digits, '.', '_' or '-'"
 
 
@@ -273,7 +311,7 @@ SECTIONS: dict[str, dict[str, Check]] = {
         "hang_timeout_s": _positive_number,
         "startup_timeout_s": _positive_number,
         "stop_timeout_s": _positive_number,
-        "retention_days": _positive_number,
+        "retention_days": _retention_days,
         "socket_mode": _octal_mode,
         "socket_group": _string,
         "admin_group": _string,
@@ -289,7 +327,7 @@ SECTIONS: dict[str, dict[str, Check]] = {
         "python": _non_empty_string,
         "module": _non_empty_string,
         "extra_args": _string_list,
-        "env": _string_table,
+        "env": _env_table,
     },
     "client": {
         "max_retry": _int_at_least(1),
@@ -309,7 +347,7 @@ SERVER_KEYS: dict[str, Check] = {
     "gpus": _gpus,
     "managed": _bool,
     "extra_args": _string_list,
-    "env": _string_table,
+    "env": _env_table,
     "max_running_requests": _int_at_least(1),
 }
 SERVER_REQUIRED = ("ip", "port", "model_size", "model_path")
@@ -318,14 +356,21 @@ PATH_KEYS = ("socket", "state_db", "log_dir")
 
 def _show(value: Any) -> str:
     if isinstance(value, str):
-        return f'"{value}"'
+        # Escaped when it holds a newline, a NUL or the like, so the message stays
+        # one line and shows what is there.
+        return f'"{value}"' if value.isprintable() else json.dumps(value, ensure_ascii=False)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_show(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{_show_key(k)} = {_show(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list):
         return "[" + ", ".join(_show(v) for v in value) + "]"
     return repr(value)
+
+
+def _show_key(key: Any) -> str:
+    """A table key as written, quoted only when it is empty or not printable."""
+    return key if isinstance(key, str) and key and key.isprintable() else _show(key)
 
 
 def _unknown(path: str, key: str, known: Iterable[str]) -> str:
@@ -436,6 +481,12 @@ def parse_config(
     _check_sglang_health(
         problems, health_timeout_s, sections.get("sglang", {}).get("env", {}), indexed
     )
+    if addresses is not None:  # the daemon's view (and check-config's), not the client's
+        _check_socket_reach(
+            problems,
+            daemon_values.get("socket", DaemonConfig.socket),
+            daemon_values.get("socket_group", DaemonConfig.socket_group),
+        )
 
     if problems.items:
         raise ConfigError(problems.items)
@@ -447,6 +498,55 @@ def parse_config(
         client=ClientConfig(**sections.get("client", {})),
         servers=tuple(server for _, server in indexed),
         warnings=tuple(problems.warnings),
+    )
+
+
+def _check_socket_reach(problems: _Problems, socket_path: str, group: str) -> None:
+    """Warn when ``socket_group`` is given the socket but not its directory.
+
+    Connecting to a Unix socket needs search permission on its directory. Under
+    systemd that is /run/modelserverd, which the unit makes mode 0750 with group
+    modelserver: any other ``socket_group`` gets the socket's 0660 and still
+    "permission denied", with nothing in the daemon's log to say why. The
+    directory as it is on this host is looked at when it exists, else the unit's.
+    """
+    if not group:
+        return
+    parent = Path(socket_path).parent
+    try:
+        st = parent.stat()
+    except OSError:
+        st = None
+    if st is None:
+        if str(parent) != UNIT_RUNTIME_DIR or group == UNIT_GROUP:
+            return
+        mode, dir_group = 0o750, UNIT_GROUP
+        how = " (as the systemd unit creates it: RuntimeDirectoryMode=0750, Group=modelserver)"
+    else:
+        import grp
+        import stat
+
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o001:
+            return  # anyone may pass
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            return  # an unknown group is refused when the daemon starts
+        if st.st_gid == gid and mode & 0o010:
+            return
+        try:
+            dir_group = grp.getgrgid(st.st_gid).gr_name
+        except KeyError:
+            dir_group = str(st.st_gid)
+        how = ""
+    problems.warn(
+        f"daemon.socket_group: members of {_show(group)} cannot reach {socket_path}: its "
+        f"directory {parent} is mode {mode:04o} with group {dir_group}{how}, so only "
+        f"that group and the directory's owner may pass through it, and the others get "
+        f'"permission denied". Set socket_group = "{dir_group}", add the users to '
+        f"{dir_group} as well, or (under systemd) set RuntimeDirectoryMode=0755 in a "
+        "drop-in: the socket's own mode and group still decide who may connect"
     )
 
 

@@ -18,6 +18,8 @@ _PRIORITY = {
     logging.INFO: 6,
     logging.DEBUG: 7,
 }
+# The daemon's logger tree, and the package's import path as a safety net.
+LOGGER_TREES = ("modelserverd", "supervisord_ms")
 _COLOUR = {logging.ERROR: "31", logging.WARNING: "33", logging.CRITICAL: "31;1"}
 
 
@@ -46,7 +48,12 @@ def setup_logging(level: int = logging.INFO, stream=None) -> None:
         handler.setFormatter(JournalFormatter("%(message)s"))
     else:
         handler.setFormatter(ConsoleFormatter(colour=stream.isatty()))
-    root = logging.getLogger("modelserverd")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+    # One tree: every module logs under "modelserverd" ("modelserverd.store",
+    # "modelserverd.api", ...). A module logger named after its import path
+    # ("supervisord_ms.x") is sent to the same handler, so no line of the daemon
+    # ever reaches stderr without its priority prefix, or not at all.
+    for name in LOGGER_TREES:
+        root = logging.getLogger(name)
+        root.handlers[:] = [handler]
+        root.setLevel(level)
+        root.propagate = False

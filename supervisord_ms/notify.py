@@ -30,7 +30,7 @@ import time
 from collections.abc import Mapping, MutableMapping
 from types import TracebackType
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("modelserverd.notify")
 
 # The environment systemd gives the main process for this protocol. Children (the
 # SGLang servers) must not inherit it: see strip_notify_env().

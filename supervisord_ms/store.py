@@ -9,8 +9,10 @@ read timestamps that ``datetime()`` understands. That shapes everything here:
 * WAL mode, so readers never wait for the writer and the writer never waits for
   readers.
 * One writer: :class:`StoreWriter` owns the only write connection, on its own
-  thread. The supervisor, prober and API hand it rows through a queue and never
-  wait on the disk; it commits them in batches, one short transaction each.
+  thread. The supervisor, prober and API hand it rows through in-memory queues
+  and never wait on the disk; it commits them in batches, one short transaction
+  each. Events, restarts and server rows go ahead of latency samples and are
+  never dropped; samples are bounded and dropped (counted, logged) past it.
 * :class:`Store` is the read side: small queries, each its own read transaction.
 * Timestamps are UTC ISO-8601 text with milliseconds and a ``Z``
   (``2026-11-25T17:40:00.123Z``), written by :func:`iso_utc`. All rows use the
@@ -58,7 +60,9 @@ __all__ = [
     "parse_iso",
 ]
 
-log = logging.getLogger(__name__)
+# Under the daemon's logger tree ("modelserverd"), so its lines get the journal
+# priority prefix and `journalctl -p warning` shows a failing disk.
+log = logging.getLogger("modelserverd.store")
 
 # How long a connection waits for a lock held by another connection before it
 # gives up with "database is locked". In WAL mode only writers ever wait, and
@@ -645,8 +649,6 @@ _DELETE_OLD_SAMPLES = (
     "DELETE FROM latency_samples WHERE id IN "
     "(SELECT id FROM latency_samples WHERE ts < ? ORDER BY ts LIMIT ?)"
 )
-# Queue marker of a retention delete: it runs as many transactions, not in a batch.
-_DELETE_OP = "delete-old-samples"
 
 # Errors that no retry can fix: the row itself is bad (a CHECK failed, a value
 # SQLite cannot store). Everything else from SQLite (disk full, locked, I/O
@@ -661,10 +663,45 @@ _BAD_ROW_ERRORS = (
     OverflowError,
 )
 
-_ABANDONED = object()  # what _retrying returns when close() stopped waiting
 _RETRY_FIRST_S = 0.05
 _RETRY_MAX_S = 2.0
 _ERROR_LOG_EVERY_S = 60.0
+
+# A sample's error text comes from any user of the socket (POST /v1/samples) or
+# from a server's answer: it is kept to this many characters, so a flood of long
+# texts neither fills the disk nor the queue. Enough for "ConnectionRefusedError:
+# [Errno 111] Connect call failed ('10.0.0.5', 30000)" and the like.
+ERROR_TEXT_MAX = 200
+# Messages of events and restarts come from the daemon itself (exit codes, health
+# answers, reload summaries); longer ones are cut too, at a size that keeps them whole.
+MESSAGE_TEXT_MAX = 2000
+# The latency samples waiting for the disk are bounded by their size in memory:
+# past this, new samples are dropped (and counted) until the queue drains. A
+# queued sample takes about 400 bytes, 650 with an error text cut to
+# ERROR_TEXT_MAX, so this holds 100,000 to 160,000: a burst of client reports
+# while a batch is being committed, or hours of probes while the disk is failing.
+DEFAULT_MAX_SAMPLE_BYTES = 64 * 1024 * 1024
+# What one queued sample costs besides its texts: the tuple, its timestamp text,
+# floats and ints (measured with tracemalloc: about 370 bytes).
+_SAMPLE_ROW_BYTES = 400
+# health()["last_error"] is cut to this many characters.
+HEALTH_ERROR_MAX = 200
+
+
+def clip_text(text: Any, limit: int) -> Any:
+    """``text`` cut to at most ``limit`` characters (the last one an ellipsis when
+    cut), with any lone surrogate replaced: such a string cannot be stored as UTF-8
+    and would make SQLite refuse the row. Anything but a string is returned as it
+    is (a bad value is still refused, and counted, by the writer)."""
+    if not isinstance(text, str):
+        return text
+    if len(text) > limit:
+        text = text[: max(0, limit - 1)] + "\u2026"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 def _ts(ts: float | None) -> str:
@@ -681,35 +718,92 @@ def _server_value(column: str, value: Any) -> Any:
     return value
 
 
+class _Lane:
+    """One queue of the writer, with its own counters and its own failure state,
+    so that a failing lane (a big batch of samples on a nearly full disk) never
+    holds up another (the restart row behind it)."""
+
+    def __init__(self, name: str, what: str) -> None:
+        self.name = name
+        self.what = what  # for log lines: "latency samples"
+        self.rows: deque[tuple[str, Any, int]] = deque()  # (sql, params, bytes)
+        self.bytes = 0
+        self.accepted = 0  # rows queued so far
+        self.written = 0  # rows handled so far (written, or dropped as bad)
+        self.failure: str | None = None  # the current error, while writes fail
+        self.failures = 0  # failed attempts in a row
+        self.delay = _RETRY_FIRST_S
+        self.retry_at = 0.0  # monotonic time of the next attempt after a failure
+        self.logged: tuple[str, float] = ("", 0.0)  # last message logged, and when
+        self.reported = False  # a failure was logged and its recovery not yet
+        # Most rows per transaction; None: the writer's max_batch. The history
+        # lane halves it after each failure (down to one row) and doubles it after
+        # each success, so on a nearly full disk its rows go in as transactions
+        # small enough to fit. Samples keep whole batches: they wait for real room
+        # instead of taking the last of it from the history.
+        self.limit: int | None = None
+
+    @property
+    def pending(self) -> int:
+        return self.accepted - self.written
+
+
+class _Retention:
+    """A queued retention delete. Requests made while one waits are merged into it
+    (the newest cutoff wins): housekeeping asks every hour, and on a failing disk
+    those requests must not pile up."""
+
+    def __init__(self, cutoff_iso: str, batch: int, after: int) -> None:
+        self.cutoff_iso = cutoff_iso
+        self.batch = batch
+        # Samples queued before the request are written first, so that an old
+        # sample still in the queue is deleted too (unless samples are failing).
+        self.after = after
+        self.requests = 0
+        self.deleted = 0
+
+
 class StoreWriter:
     """One background thread owns the write connection; callers never wait on disk.
 
     ``add_*``, ``upsert_server`` and the rest only append to an in-memory queue
-    (a lock held for microseconds) and return; the thread takes up to
-    ``max_batch`` queued rows at a time and commits them in one transaction with
-    prepared ``executemany`` inserts. A batch is written once ``max_batch`` rows
-    are waiting, ``flush_interval_s`` after the first of them, or at once when
-    someone waits in :meth:`flush` or :meth:`close`. Order is kept: rows are
-    written in the order they were queued.
+    (a lock held for microseconds) and return; the thread commits queued rows in
+    batches of up to ``max_batch``, one transaction each, with prepared
+    ``executemany`` inserts. A batch is written once ``max_batch`` rows are
+    waiting, ``flush_interval_s`` after the first of them, or at once when
+    someone waits in :meth:`flush` or :meth:`close`.
+
+    There are three queues, served in this order:
+
+    1. history: events, restarts and server rows, in the order they were queued.
+       They are never dropped: a restart row queued behind a flood of samples is
+       still the next thing written, and a write that fails is retried for as long
+       as the writer runs.
+    2. the retention delete (:meth:`delete_samples_older_than`), once the samples
+       queued before it are written.
+    3. latency samples, in the order they were queued. Bounded: past
+       ``max_sample_bytes`` (an estimate of their memory) or ``max_pending`` rows
+       waiting, new samples are dropped and counted in :attr:`dropped` and
+       :meth:`health`. A sample's error text is cut to :data:`ERROR_TEXT_MAX`
+       characters when it is queued.
 
     When a write fails for a reason that may pass (disk full, database locked
-    for longer than ``busy_timeout_s``, I/O error) the batch is kept and retried
-    with a growing pause (up to 2 s); :attr:`error` holds the message and the
-    failure is logged, until a write succeeds again. A row SQLite rejects for
-    itself (a value it cannot store) is dropped alone, logged, counted in
-    :attr:`dropped` and reported in :attr:`error`; the rest of its batch is kept.
-
-    Memory is bounded: past ``max_pending`` queued rows (the disk has been
-    failing for a long time), new latency samples are dropped and counted;
-    events, restarts and server rows are always kept.
+    for longer than ``busy_timeout_s``, I/O error) the rows are kept and that
+    queue is retried with a growing pause (up to 2 s), while the other queues go
+    on: on a nearly full disk a single event still fits where a batch of two
+    thousand samples does not. :attr:`error` and :meth:`health` report the
+    failure and it is logged (warning, at most once a minute per message), until
+    a write succeeds again. A row SQLite rejects for itself (a value it cannot
+    store) is dropped alone, logged, counted in :attr:`dropped` and reported in
+    :attr:`error`; the rest of its batch is kept.
 
     Restarts: the row is written when the restart is decided (with the reason,
     attempt, backoff and the old process' exit), because the new process may not
     exist for a long time (backoff, waiting for GPUs) or ever (fatal), and the
     history must show the restart meanwhile. When the relaunch happens the
     supervisor calls :meth:`set_restart_new_pid`, which fills ``new_pid`` into
-    that server's newest restart row. Queue order guarantees the update lands
-    after the insert.
+    that server's newest restart row. Both go through the history queue, so the
+    update lands after the insert.
     """
 
     def __init__(
@@ -719,6 +813,7 @@ class StoreWriter:
         flush_interval_s: float = 0.05,
         max_batch: int = 2000,
         max_pending: int = 1_000_000,
+        max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES,
         busy_timeout_s: float = BUSY_TIMEOUT_S,
     ) -> None:
         if max_batch < 1:
@@ -729,47 +824,66 @@ class StoreWriter:
         self._flush_interval_s = max(0.0, float(flush_interval_s))
         self._max_batch = int(max_batch)
         self._max_pending = int(max_pending)
+        self._max_sample_bytes = int(max_sample_bytes)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # the writer waits here
         self._done = threading.Condition(self._lock)  # flush() waits here
-        self._queue: deque[tuple[str, Any]] = deque()
-        self._accepted = 0  # rows queued so far
-        self._written = 0  # rows handled so far (written, or dropped as bad)
+        self._history = _Lane("history", "events, restarts and server rows")
+        self._retention = _Lane("retention", "the deletion of old latency samples")
+        self._samples = _Lane("samples", "latency samples")
+        self._lanes = (self._history, self._retention, self._samples)  # in serving order
+        self._retention_job: _Retention | None = None
         self._flushers = 0
         self._closing = False
         self._abandon = threading.Event()
         self._thread: threading.Thread | None = None
-        self._error: str | None = None
-        self._dropped = 0
+        self._bad_row_error: str | None = None
+        self._last_error: str | None = None
+        self._crashed: str | None = None
+        self._dropped_samples = 0  # refused by the queue bound, or by SQLite
+        self._dropped_rows = 0  # other rows SQLite refused
         self._overflow_logged_at = 0.0
 
     # -- queueing --------------------------------------------------------
 
-    def _put(self, sql: str, params: Any, droppable: bool = False) -> None:
+    def _check_open(self) -> None:
+        if self._closing:
+            raise StoreError(f"the state database writer for {self.path} is closed")
+
+    def _put(self, lane: _Lane, sql: str, params: Any, size: int = 0) -> None:
         with self._lock:
-            if self._closing:
-                raise StoreError(f"the state database writer for {self.path} is closed")
-            if droppable and len(self._queue) >= self._max_pending:
-                self._dropped += 1
-                now = time.monotonic()
-                if now - self._overflow_logged_at > _ERROR_LOG_EVERY_S:
-                    self._overflow_logged_at = now
-                    log.error(
-                        "state database %s: %d rows waiting (last error: %s); dropping new "
-                        "latency samples until writes succeed (%d dropped so far)",
-                        self.path,
-                        len(self._queue),
-                        self._error,
-                        self._dropped,
-                    )
+            self._check_open()
+            if lane is self._samples and (
+                len(lane.rows) >= self._max_pending or lane.bytes + size > self._max_sample_bytes
+            ):
+                self._drop_sample_locked()
                 return
-            self._queue.append((sql, params))
-            self._accepted += 1
-            n = len(self._queue)
-            # Wake the writer on the first row (it starts its batching clock) and
-            # when a full batch is waiting; in between it is busy or on its clock.
+            lane.rows.append((sql, params, size))
+            lane.bytes += size
+            lane.accepted += 1
+            n = len(lane.rows)
+            # Wake the writer on the first row (it starts its batching clock, or
+            # this lane is served while another one waits to retry) and when a
+            # full batch is waiting; in between it is busy or on its clock.
             if n == 1 or n == self._max_batch:
                 self._wake.notify()
+
+    def _drop_sample_locked(self) -> None:
+        self._dropped_samples += 1
+        now = time.monotonic()
+        if now - self._overflow_logged_at > _ERROR_LOG_EVERY_S:
+            self._overflow_logged_at = now
+            lane = self._samples
+            log.error(
+                "state database %s: %d latency samples (%d KiB) wait for the disk (last "
+                "error: %s); dropping new samples until they are written (%d dropped so "
+                "far); events and restarts are kept",
+                self.path,
+                len(lane.rows),
+                lane.bytes // 1024,
+                lane.failure or self._last_error,
+                self._dropped_samples,
+            )
 
     def add_sample(
         self,
@@ -784,10 +898,18 @@ class StoreWriter:
         error: str | None = None,
         ts: float | None = None,
     ) -> None:
-        """Queue one latency sample; ``source`` is ``"probe"`` or ``"client"``."""
+        """Queue one latency sample; ``source`` is ``"probe"`` or ``"client"``.
+
+        ``error`` is cut to :data:`ERROR_TEXT_MAX` characters. Dropped (and
+        counted) instead when the sample queue is full.
+        """
         if source not in SOURCES:
             raise ValueError(f"sample source must be one of {SOURCES}, not {source!r}")
+        error = clip_text(error, ERROR_TEXT_MAX)
+        size = _SAMPLE_ROW_BYTES + (len(server) if isinstance(server, str) else 0)
+        size += 50 + len(error) if isinstance(error, str) else 0
         self._put(
+            self._samples,
             _INSERT_SAMPLE,
             (
                 _ts(ts),
@@ -800,7 +922,7 @@ class StoreWriter:
                 completion_tokens,
                 error,
             ),
-            droppable=True,
+            size,
         )
 
     def add_event(
@@ -813,8 +935,13 @@ class StoreWriter:
         message: str | None = None,
         ts: float | None = None,
     ) -> None:
-        """Queue one event (a state change, or with ``server=None`` a daemon event)."""
-        self._put(_INSERT_EVENT, (_ts(ts), server, kind, old_state, new_state, message))
+        """Queue one event (a state change, or with ``server=None`` a daemon event).
+        ``message`` is cut to :data:`MESSAGE_TEXT_MAX` characters."""
+        self._put(
+            self._history,
+            _INSERT_EVENT,
+            (_ts(ts), server, kind, old_state, new_state, clip_text(message, MESSAGE_TEXT_MAX)),
+        )
 
     def add_restart(
         self,
@@ -834,13 +961,15 @@ class StoreWriter:
 
         Returns nothing: the row is written later, so its id is not known here.
         Pass ``new_pid`` if the new process already exists, else fill it in with
-        :meth:`set_restart_new_pid` once it does.
+        :meth:`set_restart_new_pid` once it does. ``message`` is cut to
+        :data:`MESSAGE_TEXT_MAX` characters.
         """
         if reason not in states.RESTART_REASONS:
             raise ValueError(
                 f"restart reason must be one of {states.RESTART_REASONS}, not {reason!r}"
             )
         self._put(
+            self._history,
             _INSERT_RESTART,
             (
                 _ts(ts),
@@ -852,7 +981,7 @@ class StoreWriter:
                 new_pid,
                 exit_code,
                 signal,
-                message,
+                clip_text(message, MESSAGE_TEXT_MAX),
             ),
         )
 
@@ -862,7 +991,7 @@ class StoreWriter:
         Changes nothing if that restart row already has a new pid (so calling it
         for every launch, first starts included, is harmless).
         """
-        self._put(_SET_RESTART_NEW_PID, (new_pid, server))
+        self._put(self._history, _SET_RESTART_NEW_PID, (new_pid, server))
 
     def upsert_server(self, row: dict[str, Any]) -> None:
         """Insert or update the row of server ``row["name"]``.
@@ -888,11 +1017,11 @@ class StoreWriter:
             f"VALUES ({', '.join('?' for _ in columns)}) ON CONFLICT(name) DO UPDATE SET "
             + ", ".join(f"{c} = excluded.{c}" for c in updates)
         )
-        self._put(sql, tuple(values[c] for c in columns))
+        self._put(self._history, sql, tuple(values[c] for c in columns))
 
     def delete_server(self, name: str) -> None:
         """Forget a server (removed from the config); its history rows stay."""
-        self._put(_DELETE_SERVER, (name,))
+        self._put(self._history, _DELETE_SERVER, (name,))
 
     def delete_samples_older_than(self, cutoff: float, batch: int = 500) -> None:
         """Queue the retention delete of samples with ``ts`` before ``cutoff``.
@@ -900,42 +1029,92 @@ class StoreWriter:
         It runs as many transactions of at most ``batch`` rows each, so the write
         lock is never held long (another writer, such as an operator's
         ``sqlite3`` session, gets its turn in between) and the WAL stays small.
-        Restarts and events are kept for good.
+        Restarts and events are kept for good. A request made while an earlier
+        one still waits is merged into it.
         """
         if batch < 1:
             raise ValueError("batch must be >= 1")
-        self._put(_DELETE_OP, (iso_utc(cutoff), int(batch)))
+        cutoff_iso = iso_utc(cutoff)
+        with self._lock:
+            self._check_open()
+            job = self._retention_job
+            if job is None:
+                job = self._retention_job = _Retention(cutoff_iso, int(batch), 0)
+                self._wake.notify()
+            job.cutoff_iso = max(job.cutoff_iso, cutoff_iso)
+            job.batch = int(batch)
+            job.after = self._samples.accepted
+            job.requests += 1
+            self._retention.accepted += 1
 
     # -- waiting and state -----------------------------------------------
 
     @property
     def pending(self) -> int:
-        """Rows accepted but not yet on disk."""
+        """Rows accepted but not yet on disk (a queued retention delete counts as one)."""
         with self._lock:
-            return self._accepted - self._written
+            return sum(lane.pending for lane in self._lanes)
 
     @property
     def error(self) -> str | None:
-        """The last write error while it lasts (cleared when a write succeeds again),
-        or the last row dropped as bad; ``None`` when all is well."""
-        return self._error
+        """The current write error while it lasts (cleared when writes succeed
+        again), or the last row dropped as bad; ``None`` when all is well."""
+        with self._lock:
+            return self._current_error_locked() or self._bad_row_error
+
+    def _current_error_locked(self) -> str | None:
+        if self._crashed:
+            return self._crashed
+        return next((lane.failure for lane in self._lanes if lane.failure), None)
 
     @property
     def dropped(self) -> int:
-        """Rows not written: samples refused while the queue was full, and rows
+        """Rows not written: samples refused while their queue was full, and rows
         SQLite rejected. Each drop is logged."""
         with self._lock:
-            return self._dropped
+            return self._dropped_samples + self._dropped_rows
+
+    def health(self) -> dict[str, Any]:
+        """What ``/v1/status`` shows under ``"writer"``:
+
+        * ``ok``: writes succeed (no queue is failing, the thread runs);
+        * ``last_error``: the current failure while not ok, else the most recent
+          one (``None`` if there never was one), cut to about 200 characters;
+        * ``queued_samples``: latency samples waiting for the disk;
+        * ``queued_events``: events, restarts and server rows waiting for the disk;
+        * ``dropped_samples``: samples never written (the queue was full, or SQLite
+          refused them) since the daemon started.
+        """
+        with self._lock:
+            current = self._current_error_locked()
+            thread = self._thread
+            died = (
+                thread is not None
+                and not thread.is_alive()
+                and not self._closing
+                and current is None
+            )
+            if died:
+                current = "the state database writer thread has stopped"
+            return {
+                "ok": current is None,
+                "last_error": clip_text(current or self._last_error, HEALTH_ERROR_MAX),
+                "queued_samples": len(self._samples.rows),
+                "queued_events": len(self._history.rows),
+                "dropped_samples": self._dropped_samples,
+            }
 
     def start(self) -> None:
         """Start the writer thread (rows queued before this are kept)."""
         with self._lock:
-            if self._closing:
-                raise StoreError(f"the state database writer for {self.path} is closed")
+            self._check_open()
             if self._thread is not None:
                 return
             self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
             self._thread.start()
+
+    def _targets_locked(self) -> list[tuple[_Lane, int]]:
+        return [(lane, lane.accepted) for lane in self._lanes]
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every row queued before this call is on disk.
@@ -945,8 +1124,12 @@ class StoreWriter:
         """
         deadline = time.monotonic() + timeout
         with self._lock:
-            target = self._accepted
-            if self._written >= target:
+            targets = self._targets_locked()
+
+            def reached() -> bool:
+                return all(lane.written >= target for lane, target in targets)
+
+            if reached():
                 return True
             thread = self._thread
             if thread is None or not thread.is_alive():
@@ -954,7 +1137,7 @@ class StoreWriter:
             self._flushers += 1
             self._wake.notify()
             try:
-                while self._written < target:
+                while not reached():
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or not thread.is_alive():
                         return False
@@ -964,11 +1147,12 @@ class StoreWriter:
                 self._flushers -= 1
 
     def close(self, timeout: float = 10.0) -> None:
-        """Write everything queued, stop the thread, close the file.
+        """Write everything queued, history first, stop the thread, close the file.
 
         New rows are refused from the moment this is called. If the writes still
         fail after ``timeout`` seconds (disk full), the rows left are given up
-        with an error in the log saying how many; otherwise nothing is lost.
+        with an error in the log saying how many of which; otherwise nothing is
+        lost.
         """
         with self._lock:
             if self._closing and self._thread is None:
@@ -987,12 +1171,17 @@ class StoreWriter:
                 with self._lock:
                     self._wake.notify()
                 thread.join(5.0)
-            if self.pending:
+            with self._lock:
+                history, samples = self._history.pending, self._samples.pending
+                error = self._current_error_locked() or self._last_error
+            if history or samples:
                 log.error(
-                    "state database %s: %d rows could not be written before closing (%s)",
+                    "state database %s: %d events, restarts and server rows and %d latency "
+                    "samples could not be written before closing (%s)",
                     self.path,
-                    self.pending,
-                    self._error,
+                    history,
+                    samples,
+                    error,
                 )
         with self._lock:
             self._thread = None
@@ -1014,77 +1203,178 @@ class StoreWriter:
 
     # -- the thread ------------------------------------------------------
 
-    def _take(self) -> list[tuple[str, Any]] | None:
-        """Wait for work and take the next batch; ``None`` means stop."""
+    def _ready_lane_locked(self, now: float) -> _Lane | None:
+        """The first lane, in serving order, with work that may be tried now."""
+        for lane in self._lanes:
+            if now < lane.retry_at:
+                continue
+            if lane is self._retention:
+                job = self._retention_job
+                samples = self._samples
+                if job is not None and (
+                    samples.written >= job.after or samples.failure is not None
+                ):
+                    return lane
+            elif lane.rows:
+                return lane
+        return None
+
+    def _has_work_locked(self) -> bool:
+        return bool(self._history.rows or self._samples.rows or self._retention_job)
+
+    def _next_step(self) -> tuple[_Lane, Any] | None:
+        """Wait for work that may be tried and return it; ``None`` means stop."""
         with self._lock:
-            while not self._queue:
-                if self._closing or self._abandon.is_set():
+            deadline: float | None = None
+            while True:
+                if self._abandon.is_set():
                     return None
-                self._wake.wait()
-            deadline = time.monotonic() + self._flush_interval_s
-            while (
-                len(self._queue) < self._max_batch
-                and not self._flushers
-                and not self._closing
-                and not self._abandon.is_set()
-            ):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._wake.wait(remaining)
-            if self._queue[0][0] is _DELETE_OP:
-                return [self._queue.popleft()]
-            batch = []
-            while self._queue and len(batch) < self._max_batch:
-                if self._queue[0][0] is _DELETE_OP:
-                    break
-                batch.append(self._queue.popleft())
-            return batch
+                if not self._has_work_locked():
+                    if self._closing:
+                        return None
+                    deadline = None
+                    self._wake.wait()
+                    continue
+                now = time.monotonic()
+                lane = self._ready_lane_locked(now)
+                if lane is None:
+                    # Every lane with work waits to retry after a failure.
+                    waiting = [ln.retry_at for ln in self._lanes if ln.retry_at > now]
+                    self._wake.wait(max(0.001, min(waiting, default=now + 0.05) - now))
+                    continue
+                if lane is self._retention:
+                    job = self._retention_job
+                    assert job is not None
+                    return lane, (job.cutoff_iso, job.batch, job.requests)
+                # Batching: wait for more rows, unless a batch is full or someone waits.
+                if not (self._flushers or self._closing) and all(
+                    len(ln.rows) < self._max_batch for ln in (self._history, self._samples)
+                ):
+                    if deadline is None:
+                        deadline = now + self._flush_interval_s
+                    if now < deadline:
+                        self._wake.wait(deadline - now)
+                        continue
+                size = min(lane.limit or self._max_batch, self._max_batch)
+                batch = [(sql, params) for sql, params, _ in itertools.islice(lane.rows, size)]
+                return lane, batch
 
     def _run(self) -> None:
-        while True:
-            batch = self._take()
-            if batch is None:
-                return
-            if batch[0][0] is _DELETE_OP:
-                done = self._delete_old(*batch[0][1])
-            else:
-                done = self._retrying(lambda b=batch: self._write_batch(b)) is not _ABANDONED
-            if not done:  # close() gave up on a failing disk; the rows stay pending
-                return
+        try:
+            while True:
+                step = self._next_step()
+                if step is None:
+                    return
+                lane, work = step
+                try:
+                    if lane is self._retention:
+                        count = self._delete_old_batch(work[0], work[1])
+                    else:
+                        self._write_batch(work)
+                except Exception as exc:  # the writer must outlive any error
+                    self._failed(lane, exc)
+                    continue
+                if lane is self._retention:
+                    self._retention_done(work, count)
+                else:
+                    self._written(lane, len(work))
+        except BaseException as exc:  # pragma: no cover - a bug; health() reports it
+            message = f"the state database writer thread failed: {type(exc).__name__}: {exc}"
             with self._lock:
-                self._written += len(batch)
+                self._crashed = self._last_error = message
                 self._done.notify_all()
+            log.exception("state database %s: %s", self.path, message)
 
-    def _retrying(self, attempt: Callable[[], Any]) -> Any:
-        """Run ``attempt`` until it succeeds and return its result, or
-        ``_ABANDONED`` if close() gave up first."""
-        delay = _RETRY_FIRST_S
-        failures = 0
-        logged_at = 0.0
-        while True:
-            try:
-                result = attempt()
-            except Exception as exc:  # the writer must outlive any error
-                failures += 1
-                message = f"writing to {self.path} failed: {type(exc).__name__}: {exc}"
-                now = time.monotonic()
-                if message != self._error or now - logged_at > _ERROR_LOG_EVERY_S:
-                    log.warning("%s; retrying (rows are kept)", message)
-                    logged_at = now
-                self._error = message
-                if self._abandon.wait(delay):
-                    return _ABANDONED
-                delay = min(delay * 2, _RETRY_MAX_S)
-                continue
-            if failures:
-                log.warning(
-                    "state database %s: writes succeed again after %d failures",
-                    self.path,
-                    failures,
-                )
-                self._error = None
-            return result
+    def _failed(self, lane: _Lane, exc: Exception) -> None:
+        message = f"writing to {self.path} failed: {type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        with self._lock:
+            lane.failures += 1
+            lane.failure = self._last_error = message
+            size = min(lane.limit or self._max_batch, self._max_batch, len(lane.rows))
+            if lane is self._history and size > 1:
+                # Try a transaction half the size at once; the pause comes when
+                # a single row does not go in either.
+                lane.limit = size // 2
+                lane.retry_at = now
+            else:
+                lane.retry_at = now + lane.delay
+                lane.delay = min(lane.delay * 2, _RETRY_MAX_S)
+            last_message, logged_at = lane.logged
+            say = message != last_message or now - logged_at > _ERROR_LOG_EVERY_S
+            if say:
+                lane.logged = (message, now)
+                lane.reported = True
+            # A flush that waits on this lane goes on waiting; one that waits on
+            # another lane must see that lane's progress.
+            self._done.notify_all()
+        if say:
+            log.warning("%s; retrying (%s are kept)", message, lane.what)
+
+    def _recovered_locked(self, lane: _Lane) -> int:
+        """Reset ``lane`` after a success; the failures to report, 0 if none were
+        logged (so a lane that fails now and then says so once a minute at most)."""
+        if lane.limit is not None:
+            lane.limit *= 2
+            if lane.limit >= self._max_batch:
+                lane.limit = None
+        failures = lane.failures if lane.reported else 0
+        lane.reported = False
+        lane.failures = 0
+        lane.failure = None
+        lane.delay = _RETRY_FIRST_S
+        lane.retry_at = 0.0
+        return failures
+
+    def _written(self, lane: _Lane, count: int) -> None:
+        with self._lock:
+            for _ in range(count):
+                _, _, size = lane.rows.popleft()
+                lane.bytes -= size
+            lane.written += count
+            failures = self._recovered_locked(lane)
+            self._done.notify_all()
+        if failures:
+            log.warning(
+                "state database %s: %s are written again after %d failed attempts",
+                self.path,
+                lane.what,
+                failures,
+            )
+
+    def _retention_done(self, work: tuple[str, int, int], count: int) -> None:
+        cutoff_iso, batch, requests = work
+        finished = None
+        with self._lock:
+            lane = self._retention
+            job = self._retention_job
+            failures = self._recovered_locked(lane)
+            assert job is not None
+            job.deleted += count
+            if count < batch:
+                # Requests merged in since this pass began may want a later cutoff
+                # or newer samples deleted: answer the ones it served, keep the job
+                # (it runs again at once) for the rest.
+                lane.written += requests
+                job.requests -= requests
+                if job.requests == 0:
+                    self._retention_job = None
+                    finished = job.deleted
+                self._done.notify_all()
+        if failures:
+            log.warning(
+                "state database %s: %s succeeds again after %d failed attempts",
+                self.path,
+                lane.what,
+                failures,
+            )
+        if finished:
+            log.info(
+                "state database %s: deleted %d latency samples older than %s",
+                self.path,
+                finished,
+                cutoff_iso,
+            )
 
     def _write_batch(self, batch: list[tuple[str, Any]]) -> None:
         conn = self._conn
@@ -1112,9 +1402,13 @@ class StoreWriter:
                 conn.execute(sql, params)
             except _BAD_ROW_ERRORS as exc:
                 conn.execute("ROLLBACK TO row")
+                message = f"dropped a row SQLite refused ({type(exc).__name__}: {exc})"
                 with self._lock:
-                    self._dropped += 1
-                self._error = f"dropped a row SQLite refused ({type(exc).__name__}: {exc})"
+                    if sql == _INSERT_SAMPLE:
+                        self._dropped_samples += 1
+                    else:
+                        self._dropped_rows += 1
+                    self._bad_row_error = self._last_error = message
                 log.error(
                     "state database %s: dropped a row SQLite refused: %s: %s; row: %.300r",
                     self.path,
@@ -1135,22 +1429,3 @@ class StoreWriter:
                 conn.execute("ROLLBACK")
             raise
         return count
-
-    def _delete_old(self, cutoff_iso: str, batch: int) -> bool:
-        """Delete old samples, ``batch`` rows per transaction, until none are left;
-        ``False`` if close() gave up first."""
-        deleted = 0
-        while True:
-            count = self._retrying(lambda: self._delete_old_batch(cutoff_iso, batch))
-            if count is _ABANDONED:
-                return False
-            deleted += count
-            if count < batch:
-                if deleted:
-                    log.info(
-                        "state database %s: deleted %d latency samples older than %s",
-                        self.path,
-                        deleted,
-                        cutoff_iso,
-                    )
-                return True

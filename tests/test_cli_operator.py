@@ -18,7 +18,7 @@ from conftest import free_port
 from daemon_harness import wait_until
 
 from supervisord_ms import cli as cli_module
-from supervisord_ms.logsetup import setup_logging
+from supervisord_ms.logsetup import LOGGER_TREES, setup_logging
 
 
 def _cli(d, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -115,7 +115,20 @@ def test_socket_not_permitted_names_the_group_to_join(running):
     assert "not permitted" in message and "join the group" in message, message
 
 
-def test_journal_prefixes_when_under_systemd(monkeypatch):
+@pytest.fixture
+def daemon_logging():
+    """setup_logging() changes process-wide loggers: put them back afterwards, so
+    that other tests in this worker still see their records."""
+    loggers = [logging.getLogger(name) for name in LOGGER_TREES]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, handlers, level, propagate in saved:
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+
+
+def test_journal_prefixes_when_under_systemd(monkeypatch, daemon_logging):
     monkeypatch.setenv("JOURNAL_STREAM", "8:1234")
     stream = io.StringIO()
     setup_logging(logging.INFO, stream)
@@ -123,6 +136,23 @@ def test_journal_prefixes_when_under_systemd(monkeypatch):
     log.warning("server a: ready -> backoff")
     log.info("listening")
     assert stream.getvalue().splitlines() == ["<4>server a: ready -> backoff", "<6>listening"]
+
+
+def test_every_module_logs_into_the_journal_with_a_priority(monkeypatch, daemon_logging):
+    """One logger tree: the state database's lines (and any module logger named
+    after its import path) reach the same handler with the same prefix."""
+    monkeypatch.setenv("JOURNAL_STREAM", "8:1234")
+    stream = io.StringIO()
+    setup_logging(logging.INFO, stream)
+    from supervisord_ms import store
+
+    store.log.warning("writing to state.db failed")
+    logging.getLogger("supervisord_ms.notify").error("sd_notify failed")
+    assert stream.getvalue().splitlines() == [
+        "<4>writing to state.db failed",
+        "<3>sd_notify failed",
+    ]
+    assert store.log.name.startswith("modelserverd.")
 
 
 # --- without a daemon: the status table's columns, check-config's output --------------
@@ -143,12 +173,18 @@ SERVER_A = {
 }
 
 
-def _answers(servers: list[dict]) -> Any:
+def _answers(servers: list[dict], **status: Any) -> Any:
     """A stand-in for the daemon's answers to what `status` asks."""
 
     def api(config: Any, method: str, path: str, body: Any = None) -> Any:
         if path == "/v1/status":
-            return {"version": "test", "pid": 1, "uptime_s": 5, "config_path": config.path}
+            return {
+                "version": "test",
+                "pid": 1,
+                "uptime_s": 5,
+                "config_path": config.path,
+                **status,
+            }
         if path == "/v1/servers":
             return {"servers": [dict(s) for s in servers]}
         assert path.startswith("/v1/restarts"), path
@@ -256,3 +292,66 @@ def test_check_config_refuses_a_health_timeout_sglang_outlasts(tmp_path: Path):
         "fails servers that are slow but alive; set health_timeout_s to 30 or more, or lower "
         "SGLANG_HEALTH_CHECK_TIMEOUT",
     ]
+
+
+# --- the state database writer's health (issue 12, item 4) ------------------------------
+
+FULL = (
+    "writing to /var/lib/modelserverd/state.db failed: OperationalError: database or disk is full"
+)
+
+
+@pytest.mark.parametrize(
+    ("writer", "line"),
+    [
+        (
+            {
+                "ok": False,
+                "last_error": FULL,
+                "queued_samples": 1200,
+                "queued_events": 3,
+                "dropped_samples": 50,
+            },
+            f"state database: writes are failing: {FULL}; 3 events/restarts and 1200 latency "
+            "samples wait to be written; 50 latency samples dropped since the daemon started",
+        ),
+        (
+            {
+                "ok": True,
+                "last_error": FULL,
+                "queued_samples": 0,
+                "queued_events": 0,
+                "dropped_samples": 7,
+            },
+            "state database: 7 latency samples dropped since the daemon started; "
+            f"last error: {FULL}",
+        ),
+        (
+            {
+                "ok": True,
+                "last_error": FULL,
+                "queued_samples": 2,
+                "queued_events": 0,
+                "dropped_samples": 0,
+            },
+            None,
+        ),
+        (None, None),
+    ],
+)
+def test_status_shows_a_failing_state_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: Any, line: str | None
+):
+    extra = {} if writer is None else {"writer": writer}
+    monkeypatch.setattr(cli_module, "_api", _answers([SERVER_A], **extra))
+    config = _config_file(tmp_path, REMOTE)
+    result = CliRunner().invoke(cli_module.cli, ["status", "--config", config])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("modelserverd test pid 1")
+    if line is None:
+        assert lines[1].startswith("NAME")
+    else:
+        assert lines[1] == line and lines[2].startswith("NAME")
+    result = CliRunner().invoke(cli_module.cli, ["status", "--json", "--config", config])
+    assert json.loads(result.stdout)["daemon"].get("writer") == writer

@@ -96,3 +96,24 @@ def test_corrupt_state_db_stops_start_and_keeps_the_file(daemon_factory):
     assert d.db in d.log()
     with open(d.db, "rb") as f:
         assert f.read() == garbage
+
+
+def test_run_keeps_prompts_from_other_users_whatever_the_umask(daemon_factory):
+    """Issue 12, item 9: started from a shell with umask 022 (not by the unit, whose
+    UMask=0027), the daemon must still not make state.db or the server logs, which
+    hold prompts and errors, readable by every user of the host."""
+    d = daemon_factory([{"name": "a", "port": free_port(), "gpus": [0]}])
+    old = os.umask(0o022)
+    try:
+        d.start()
+    finally:
+        os.umask(old)
+    d.wait_state("a", "ready")
+    d.api("POST", "/v1/samples", {"samples": [{"server": "a", "latency_s": 0.1, "ok": True}]})
+    logs = d.dir / "logs"
+    wait_until(lambda: (logs / "a.log").exists() and os.path.exists(d.db + "-wal"), 10, "files")
+    for path in (d.db, d.db + "-wal", d.db + "-shm", logs, logs / "a.log"):
+        mode = os.stat(path).st_mode & 0o777
+        assert mode & 0o007 == 0, f"{path} is mode {mode:04o}: other users may read it"
+        assert mode & 0o020 == 0, f"{path} is mode {mode:04o}: the group may write it"
+    assert d.stop() == 0

@@ -178,7 +178,7 @@ def test_failed_send_never_raises_and_is_logged_once(
 ) -> None:
     with tempfile.TemporaryDirectory(prefix="ms-notify-") as folder:
         missing = os.path.join(folder, "nobody-listens.sock")
-        caplog.set_level(logging.DEBUG, logger="supervisord_ms.notify")
+        caplog.set_level(logging.DEBUG, logger="modelserverd.notify")
         with Notifier.from_env({"NOTIFY_SOCKET": missing, "WATCHDOG_USEC": "1000000"}) as n:
             assert n.enabled is True
             n.ready("up")

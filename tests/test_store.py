@@ -714,6 +714,46 @@ def test_delete_samples_older_than_removes_only_old_ones(db_path: Path, open_wri
         assert len(store.events()) == 1 and len(store.restarts()) == 1
 
 
+def test_retention_requests_merge_and_the_newest_cutoff_wins(db_path: Path) -> None:
+    writer = StoreWriter(db_path)  # not started: the requests wait together
+    day = 86400.0
+    for age in (30, 20, 10, 1):
+        writer.add_sample(
+            server="a", source="probe", ok=True, latency_s=float(age), ts=NOW - age * day
+        )
+    writer.delete_samples_older_than(NOW - 25 * day)
+    writer.delete_samples_older_than(NOW - 15 * day)
+    writer.delete_samples_older_than(NOW - 5 * day)
+    assert writer.pending == 4 + 3
+    writer.close()
+    assert writer.pending == 0
+    with Store(db_path) as store:
+        assert [r["latency_s"] for r in store.latency_samples()] == [1.0]
+
+
+def test_retention_runs_while_samples_cannot_be_written(db_path: Path) -> None:
+    """A failing sample queue does not hold up the deletion of old samples (which
+    may be what frees the room)."""
+
+    class SamplesFail(StoreWriter):
+        def _write_batch(self, batch):
+            if any("latency_samples" in sql for sql, _ in batch):
+                raise sqlite3.OperationalError("database or disk is full")
+            super()._write_batch(batch)
+
+    with StoreWriter(db_path) as seed:
+        seed.add_sample(server="a", source="probe", ok=True, latency_s=1.0, ts=NOW - 30 * 86400)
+    writer = SamplesFail(db_path)
+    writer.start()
+    try:
+        writer.add_sample(server="a", source="probe", ok=True, latency_s=2.0)
+        writer.delete_samples_older_than(NOW)
+        assert wait_until(lambda: scalar(db_path, "SELECT count(*) FROM latency_samples") == 0)
+        assert writer.health()["queued_samples"] == 1 and not writer.health()["ok"]
+    finally:
+        writer.close(timeout=0.5)
+
+
 def test_reads_newest_first_with_filters(db_path: Path, open_writer) -> None:
     writer = open_writer()
     for i in range(10):
