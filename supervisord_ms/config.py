@@ -126,6 +126,22 @@ class ClientConfig:
 
 
 @dataclass(frozen=True)
+class GatewayConfig:
+    """An SGLang gateway (sgl-model-gateway, ``sglang-router``) whose worker list the
+    daemon keeps true for this host's servers; no ``url``: no gateway."""
+
+    url: tuple[str, ...] = ()
+    api_key: str = field(default="", repr=False)  # sent as "Authorization: Bearer"
+    worker_api_key: str = field(default="", repr=False)  # the gateway's key to SGLang
+    sync_interval_s: float = 5.0
+    request_timeout_s: float = 5.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     name: str
     ip: str
@@ -140,6 +156,9 @@ class ServerConfig:
     # The server's batch size (SGLang's --max-running-requests), for a server that
     # does not report it in /v1/loads or /get_server_info; None: learned.
     max_running_requests: int | None = None
+    # Its worker priority and cost at the gateway ([gateway]); None: the gateway's.
+    gateway_priority: int | None = None
+    gateway_cost: float | None = None
 
     @property
     def url(self) -> str:
@@ -159,6 +178,7 @@ class Config:
     restart: RestartConfig = field(default_factory=RestartConfig)
     sglang: SglangConfig = field(default_factory=SglangConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
     servers: tuple[ServerConfig, ...] = ()
     # "file: key: ..." lines about settings that are accepted but weaken health
     # checking; check-config prints them, the daemon logs them on start and reload.
@@ -232,6 +252,15 @@ def _non_empty_string(v: Any) -> str | None:
 def _string_list(v: Any) -> str | None:
     ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
     return None if ok else 'a list of strings, e.g. ["--mem-fraction-static", "0.85"]'
+
+
+def _gateway_urls(v: Any) -> str | None:
+    urls = [v] if isinstance(v, str) else v
+    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        return 'a gateway URL or a list of them, e.g. "http://gw.internal:30000"'
+    if not all(re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", u) for u in urls if u):
+        return 'http:// or https:// URLs, e.g. "http://gw.internal:30000"'
+    return None
 
 
 def _env_table(v: Any) -> str | None:
@@ -336,6 +365,13 @@ SECTIONS: dict[str, dict[str, Check]] = {
         "benchmark_max_tokens": _int_at_least(1),
         "request_timeout_s": _positive_number,
     },
+    "gateway": {
+        "url": _gateway_urls,
+        "api_key": _string,
+        "worker_api_key": _string,
+        "sync_interval_s": _positive_number,
+        "request_timeout_s": _positive_number,
+    },
 }
 
 SERVER_KEYS: dict[str, Check] = {
@@ -349,6 +385,8 @@ SERVER_KEYS: dict[str, Check] = {
     "extra_args": _string_list,
     "env": _env_table,
     "max_running_requests": _int_at_least(1),
+    "gateway_priority": _int_at_least(0),
+    "gateway_cost": _positive_number,
 }
 SERVER_REQUIRED = ("ip", "port", "model_size", "model_path")
 PATH_KEYS = ("socket", "state_db", "log_dir")
@@ -496,9 +534,16 @@ def parse_config(
         restart=RestartConfig(**restart_values),
         sglang=SglangConfig(**_freeze(sections.get("sglang", {}))),
         client=ClientConfig(**sections.get("client", {})),
+        gateway=_gateway(sections.get("gateway", {})),
         servers=tuple(server for _, server in indexed),
         warnings=tuple(problems.warnings),
     )
+
+
+def _gateway(values: dict[str, Any]) -> GatewayConfig:
+    url = values.get("url", ())
+    urls = [url] if isinstance(url, str) else list(url)
+    return GatewayConfig(**{**values, "url": tuple(u.rstrip("/") for u in urls if u)})
 
 
 def _check_socket_reach(problems: _Problems, socket_path: str, group: str) -> None:
@@ -727,4 +772,4 @@ def server_fields_changed(old: ServerConfig, new: ServerConfig) -> list[str]:
     ]
 
 
-SELECTION_ONLY_FIELDS = frozenset({"max_running_requests"})
+SELECTION_ONLY_FIELDS = frozenset({"max_running_requests", "gateway_priority", "gateway_cost"})

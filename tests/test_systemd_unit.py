@@ -22,6 +22,7 @@ from supervisord_ms.config import (
     SECTIONS,
     ClientConfig,
     DaemonConfig,
+    GatewayConfig,
     RestartConfig,
     SglangConfig,
     parse_config,
@@ -290,6 +291,7 @@ def test_example_writes_out_every_default() -> None:
         "restart": RestartConfig(),
         "sglang": SglangConfig(),
         "client": ClientConfig(),
+        "gateway": GatewayConfig(),
     }
     for section, keys in SECTIONS.items():
         section_text = re.search(rf"^\[{section}\]\n(.*?)(?=^\[)", EXAMPLE.read_text(), re.S | re.M)
