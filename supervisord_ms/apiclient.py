@@ -11,7 +11,10 @@ import grp
 import http.client
 import json
 import os
+import pwd
 import socket
+import stat
+import struct
 from typing import Any
 
 from .errors import ModelServerdError
@@ -30,6 +33,50 @@ class ApiError(ModelServerdError):
         super().__init__(message)
 
 
+_UCRED = struct.Struct("3i")
+
+
+def trusted_server_uids(path: str) -> set[int]:
+    """Who may be serving the daemon's socket: root, the caller, and the owner of
+    the socket's folder when that folder is theirs alone (no one else may write
+    it, and it sits in a folder only root or that owner may write, as systemd's
+    /run/modelserverd does). Anyone else listening there is another user's
+    program in the daemon's place, and is sent nothing."""
+    trusted = {0, os.geteuid()}
+    folder = os.path.dirname(os.path.realpath(path))
+    try:
+        st = os.stat(folder)
+        above = os.stat(os.path.dirname(folder))
+    except OSError:
+        return trusted
+    closed = not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    above_closed = not above.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if closed and above_closed and above.st_uid in (0, st.st_uid):
+        trusted.add(st.st_uid)
+    return trusted
+
+
+def _check_server(sock: socket.socket, path: str) -> None:
+    try:
+        pid, uid, _gid = _UCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        )
+    except OSError:
+        return  # not Linux, or no peer: nothing to check against
+    if uid in trusted_server_uids(path):
+        return
+    try:
+        who = f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        who = f"uid {uid}"
+    raise DaemonUnreachable(
+        f"{path} is served by {who}, pid {pid}: not root, not you, and not the owner of "
+        "its folder, so it may be another user's program posing as modelserverd; nothing "
+        f"was sent to it. Check `ls -ld {os.path.dirname(path)} {path}` and [daemon].socket "
+        "(the daemon's socket belongs in a folder of its own, such as /run/modelserverd)"
+    )
+
+
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float):
         super().__init__("localhost", timeout=timeout)
@@ -40,7 +87,8 @@ class _UnixConnection(http.client.HTTPConnection):
         sock.settimeout(self.timeout)
         try:
             sock.connect(self._path)
-        except OSError:
+            _check_server(sock, self._path)
+        except BaseException:
             sock.close()
             raise
         self.sock = sock
@@ -77,7 +125,10 @@ def call(
     try:
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if payload is not None else {}
-        conn.request(method, path, body=payload, headers=headers)
+        try:
+            conn.request(method, path, body=payload, headers=headers)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the daemon may have answered before reading (too many connections)
         resp = conn.getresponse()
         raw = resp.read()
     except OSError as exc:

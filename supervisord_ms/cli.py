@@ -303,7 +303,7 @@ def status(config_path: str | None, as_json: bool) -> None:
     config = _load(config_path)
     info = _api(config, "GET", "/v1/status")
     servers = _api(config, "GET", "/v1/servers")["servers"]
-    restarts = _api(config, "GET", "/v1/restarts?limit=10000")["restarts"]
+    restarts = _api(config, "GET", "/v1/restarts?limit=1000")["restarts"]
     from .store import parse_iso
 
     day_ago = time.time() - 86400

@@ -27,6 +27,22 @@ EJECTION_THRESHOLD = 3
 # probe noise on a busy host never moves a conversation (and its prefix cache).
 AFFINITY_MAX_RATIO = 10.0
 AFFINITY_CACHE_KEYS = 10_000
+# Client reports come from anyone who can reach the socket, and nothing one of
+# them sends may eject or steer a server for everyone (DESIGN.md, "Who may do
+# what"). So:
+# - a client latency moves the estimate only within this factor of what the
+#   daemon's own probes measure, and each reporter's samples count at most once per
+#   server per probe interval (a flood weighs as much as one probe);
+CLIENT_SAMPLE_BAND = 1.5
+# - failures reported by others than admins eject only when reports come from this
+#   many uids, or when a probe fails too (it confirms them); reports older than
+#   this many probe intervals are forgotten, and such reports never eject the last
+#   serving server of a size;
+CLIENT_EJECTION_REPORTERS = 2
+CLIENT_FAILURE_WINDOW_PROBES = 3.0
+# - a reported request spares the server's next probe (the server was just
+#   measured), but probes still run at least once per this many probe intervals.
+CLIENT_SPARES_PROBES_FOR = 3.0
 
 
 # Bumped whenever a field that selection reads changes, so rankings are cached
@@ -50,6 +66,16 @@ class ServerRecord:
     ejection: selector.Ejection = field(default_factory=selector.Ejection)
     last_sample_at: float | None = None
     last_client_request_at: float | None = None  # monotonic; a recent request spares a probe
+    # The daemon's own measurements only (client reports are checked against them),
+    # when the last probe answered or failed, and the start of the current run of
+    # spared probes when there was none yet (all monotonic).
+    probe_estimate: selector.LatencyEstimate = field(default_factory=selector.LatencyEstimate)
+    last_probe_at: float | None = None
+    spared_since: float | None = None
+    # Per reporter (peer uid): when its latency last counted, and its recent
+    # failures (count, last at) awaiting a second uid or a probe to agree.
+    client_counted_at: dict[object, float] = field(default_factory=dict)
+    client_failures: dict[object, tuple[int, float]] = field(default_factory=dict)
     samples_total: int = 0
     probe_failures_total: int = 0
     probe_slow_total: int = 0
@@ -117,6 +143,11 @@ class ServerRecord:
             "last_error": self.last_error,
             "ejected": selector.is_ejected(self.ejection, time.monotonic()),
         }
+
+
+def _within(value: float, reference: float) -> float:
+    """``value`` held within ``CLIENT_SAMPLE_BAND`` of ``reference`` (either way)."""
+    return min(max(value, reference / CLIENT_SAMPLE_BAND), reference * CLIENT_SAMPLE_BAND)
 
 
 @dataclass
@@ -200,12 +231,19 @@ class Registry:
         now: float | None = None,
         mono: float | None = None,
         lower_bound: bool = False,
+        reporter: object = None,
+        trusted: bool = False,
     ) -> None:
         """Fold one probe or client outcome into the server's estimate and ejection.
 
         ``lower_bound``: ``latency_s`` is only how long a request had run when it was
         cut (the early skip); it raises an estimate that is below it and is otherwise
-        ignored: no sample of a latency, no verdict on health."""
+        ignored: no sample of a latency, no verdict on health.
+
+        Client samples (``source="client"``) name their ``reporter`` (the peer's
+        uid); ``trusted`` reporters (admins, who may stop the server anyway) eject
+        by their failures as probes do. Everyone else's reports are bounded: see
+        ``CLIENT_*`` above."""
         record = self.servers.get(name)
         if record is None:
             return
@@ -213,48 +251,180 @@ class Registry:
         mono = time.monotonic() if mono is None else mono
         record.samples_total += 1
         record.last_sample_at = now
+        if source == "client":
+            self._client_outcome(record, ok, mono, reporter=reporter, trusted=trusted)
+        else:
+            record.last_probe_at = mono
+            record.spared_since = None
+            self._probe_outcome(record, ok, mono, lower_bound=lower_bound)
         if lower_bound:
             current = record.estimate.value_s
             if latency_s is not None and (current is None or latency_s > current):
                 record.estimate = selector.update_estimate(
-                    record.estimate,
-                    latency_s,
-                    mono,
-                    half_life_s=ESTIMATE_HALF_LIFE_PROBES * self.probe_interval_s,
+                    record.estimate, latency_s, mono, half_life_s=self._half_life_s
+                )
+            probed = record.probe_estimate.value_s
+            if latency_s is not None and (probed is None or latency_s > probed):
+                record.probe_estimate = selector.update_estimate(
+                    record.probe_estimate, latency_s, mono, half_life_s=self._half_life_s
                 )
             return
-        if source == "client":
-            record.last_client_request_at = mono
-        record.ejection = selector.record_outcome(
-            record.ejection,
-            ok,
-            mono,
-            threshold=EJECTION_THRESHOLD,
-            base_s=max(5.0, 2 * self.probe_interval_s),
-        )
         if not ok or latency_s is None:
             return
-        reference = self.config.client.benchmark_max_tokens
         per_token = None
         if ttft_s is not None and completion_tokens and completion_tokens > 1:
             per_token = max(0.0, latency_s - ttft_s) / (completion_tokens - 1)
         if source == "client":
-            latency_s = selector.normalise_client_latency(
+            counted = self._client_latency(
+                record,
                 latency_s,
                 ttft_s=ttft_s,
+                per_token_s=per_token,
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
-                reference_completion_tokens=reference,
-                per_token_s_hint=record.estimate.per_token_s,
+                reporter=reporter,
+                mono=mono,
+            )
+            if counted is None:
+                return
+            latency_s, ttft_s, per_token = counted
+        else:
+            record.probe_estimate = selector.update_estimate(
+                record.probe_estimate,
+                latency_s,
+                mono,
+                half_life_s=self._half_life_s,
+                ttft_s=ttft_s,
+                per_token_s=per_token,
             )
         record.estimate = selector.update_estimate(
             record.estimate,
             latency_s,
             mono,
-            half_life_s=ESTIMATE_HALF_LIFE_PROBES * self.probe_interval_s,
+            half_life_s=self._half_life_s,
             ttft_s=ttft_s,
             per_token_s=per_token,
         )
+
+    @property
+    def _half_life_s(self) -> float:
+        return ESTIMATE_HALF_LIFE_PROBES * self.probe_interval_s
+
+    def _eject_after(self, record: ServerRecord, ok: bool, mono: float, threshold: int) -> None:
+        record.ejection = selector.record_outcome(
+            record.ejection,
+            ok,
+            mono,
+            threshold=threshold,
+            base_s=max(5.0, 2 * self.probe_interval_s),
+        )
+
+    def _recent_client_failures(self, record: ServerRecord, mono: float) -> dict:
+        window = CLIENT_FAILURE_WINDOW_PROBES * self.probe_interval_s
+        recent = {k: v for k, v in record.client_failures.items() if 0 <= mono - v[1] < window}
+        record.client_failures = recent
+        return recent
+
+    def _probe_outcome(
+        self, record: ServerRecord, ok: bool, mono: float, lower_bound: bool
+    ) -> None:
+        """The daemon's own verdict: successes clear pending client reports, and a
+        failure that follows them confirms them (the server is ejected at once when
+        they and the probe together reach the threshold)."""
+        if lower_bound:
+            return  # a slow answer, not a failure, and no proof of health either
+        if ok:
+            record.client_failures = {}
+            self._eject_after(record, True, mono, EJECTION_THRESHOLD)
+            return
+        pending = sum(count for count, _at in self._recent_client_failures(record, mono).values())
+        record.client_failures = {}
+        failures = record.ejection.consecutive_failures + 1 + pending
+        threshold = 1 if pending and failures >= EJECTION_THRESHOLD else EJECTION_THRESHOLD
+        self._eject_after(record, False, mono, threshold)
+
+    def _client_outcome(
+        self, record: ServerRecord, ok: bool, mono: float, *, reporter: object, trusted: bool
+    ) -> None:
+        if ok:
+            record.client_failures.pop(reporter, None)
+            self._spare_probe(record, mono)
+        if trusted:
+            self._eject_after(record, ok, mono, EJECTION_THRESHOLD)
+            return
+        if ok:
+            # An untrusted success never cancels failures the probes have seen.
+            return
+        recent = self._recent_client_failures(record, mono)
+        count = recent.get(reporter, (0, mono))[0] + 1
+        recent[reporter] = (count, mono)
+        total = sum(c for c, _at in recent.values())
+        if (
+            len(recent) >= CLIENT_EJECTION_REPORTERS
+            and total >= EJECTION_THRESHOLD
+            and self._another_serves(record, mono)
+        ):
+            record.client_failures = {}
+            self._eject_after(record, False, mono, 1)
+
+    def _another_serves(self, record: ServerRecord, mono: float) -> bool:
+        size = record.config.model_size
+        return any(
+            r is not record and r.config.model_size == size and r.serving(mono)
+            for r in self.servers.values()
+        )
+
+    def _spare_probe(self, record: ServerRecord, mono: float) -> None:
+        """A client just measured the server: its next probe may be spared, but not
+        every probe: the probes are what client reports are checked against."""
+        anchor = record.last_probe_at
+        if anchor is None:
+            if record.spared_since is None:
+                record.spared_since = mono
+            anchor = record.spared_since
+        if mono - anchor < CLIENT_SPARES_PROBES_FOR * self.probe_interval_s:
+            record.last_client_request_at = mono
+
+    def _client_latency(
+        self,
+        record: ServerRecord,
+        latency_s: float,
+        *,
+        ttft_s: float | None,
+        per_token_s: float | None,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        reporter: object,
+        mono: float,
+    ) -> tuple[float, float | None, float | None] | None:
+        """A client's latency in benchmark units, held within ``CLIENT_SAMPLE_BAND``
+        of the probes' own estimate; None when it does not count (no probe has
+        measured the server yet, or this reporter already counted this interval)."""
+        probed = record.probe_estimate
+        if probed.value_s is None:
+            return None
+        last = record.client_counted_at.get(reporter)
+        if last is not None and 0 <= mono - last < self.probe_interval_s:
+            return None
+        if len(record.client_counted_at) > 4096:
+            record.client_counted_at.clear()
+        record.client_counted_at[reporter] = mono
+        normalised = selector.normalise_client_latency(
+            latency_s,
+            ttft_s=ttft_s,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            reference_completion_tokens=self.config.client.benchmark_max_tokens,
+            per_token_s_hint=record.estimate.per_token_s,
+        )
+        value = _within(normalised, probed.value_s)
+        if ttft_s is not None:
+            known = probed.ttft_s
+            ttft_s = min(_within(ttft_s, known), value) if known is not None else None
+        if per_token_s is not None:
+            known = probed.per_token_s
+            per_token_s = _within(per_token_s, known) if known is not None else None
+        return value, ttft_s, per_token_s
 
     # --- selection ----------------------------------------------------------------
     def sizes(self, now: float | None = None) -> list[str]:

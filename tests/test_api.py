@@ -30,6 +30,7 @@ import pytest
 
 from supervisord_ms import states
 from supervisord_ms.api import (
+    CTX_KEY,
     ApiContext,
     SocketError,
     SocketInUse,
@@ -325,6 +326,43 @@ def test_status_reports_daemon_facts_and_counts_by_state(api: ApiServer) -> None
     assert body["version"] == "test"
     assert body["servers_total"] == 3
     assert body["servers_by_state"] == {"stopped": 1, "unreachable": 2}
+
+
+def test_status_reports_the_writers_health_and_the_connections(api: ApiServer) -> None:
+    ctx = api.runner.app[CTX_KEY]
+    real = ctx.writer
+    health = {
+        "ok": False,
+        "last_error": "database or disk is full",
+        "queued_samples": 12,
+        "queued_events": 1,
+        "dropped_samples": 300,
+    }
+
+    class Reporting:
+        def health(self) -> dict:
+            return health
+
+    class Broken:
+        def health(self) -> dict:
+            raise RuntimeError("writer thread gone")
+
+    class Older:  # a writer without health(): the status leaves the key out
+        pass
+
+    try:
+        ctx.writer = Reporting()
+        assert api.get("/v1/status").json["writer"] == health
+        ctx.writer = Broken()
+        broken = api.get("/v1/status").json["writer"]
+        assert broken["ok"] is False and "writer thread gone" in broken["last_error"]
+        ctx.writer = Older()
+        assert "writer" not in api.get("/v1/status").json
+    finally:
+        ctx.writer = real
+    conns = api.get("/v1/status").json["api"]
+    assert conns["connections"] >= 1 and conns["connection_limit"] >= conns["connections"]
+    assert conns["connections_per_uid_limit"] >= 1
 
 
 def test_servers_and_one_server(api: ApiServer) -> None:

@@ -92,7 +92,10 @@ sample_like = st.fixed_dictionaries(
         "ttft_s": st.floats(min_value=-1, max_value=10) | json_values,
         "prompt_tokens": st.integers(min_value=-5, max_value=2**64) | json_values,
         "completion_tokens": st.integers(min_value=-5, max_value=2**64) | json_values,
-        "error": st.text(max_size=50) | json_values,
+        # Lone surrogates too ("\\ud800" in JSON): refused with a 400, never stored.
+        "error": st.text(max_size=50)
+        | st.text(st.characters(categories=["Cs", "L"]), max_size=10)
+        | json_values,
     },
 )
 
@@ -137,7 +140,8 @@ def test_random_requests(
 def test_random_json_samples(api: ApiServer, body: object) -> None:
     data = json.dumps(body).encode()
     r = call(api.sock, "POST", "/v1/samples", data, timeout=10)
-    assert r.status in (202, 400, 413), (r.status, r.body[:300])
+    # 429: the fuzzing may outrun the per-user rate of samples.
+    assert r.status in (202, 400, 413, 429), (r.status, r.body[:300])
     if r.status == 202:
         assert r.json["accepted"] == len(body["samples"])  # type: ignore[index]
     else:

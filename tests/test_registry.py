@@ -1,12 +1,15 @@
-"""The registry's cached rankings give the same answers as computing them afresh."""
+"""The registry: cached rankings give the same answers as computing them afresh, and
+client reports can neither eject nor steer a server on their own."""
 
 from __future__ import annotations
 
 import random
 
+import pytest
+
 from supervisord_ms import selector, states
 from supervisord_ms.config import parse_config
-from supervisord_ms.registry import Registry
+from supervisord_ms.registry import CLIENT_SAMPLE_BAND, CLIENT_SPARES_PROBES_FOR, Registry
 
 
 def _registry(count: int = 4) -> Registry:
@@ -61,3 +64,140 @@ def test_exclude_and_key_match_a_fresh_computation():
         assert got == expected
         excluded = _names(reg.best("8B", n=8, exclude=[ranked[0]], mono=float(step)))
         assert ranked[0] not in excluded and len(excluded) == len(ranked) - 1
+
+
+# --- client reports: bounded, whoever sends them (issue 12, item 2) ---------------------
+
+
+def _probed(count: int = 3, latency_s: float = 1.0) -> Registry:
+    """``count`` ready servers measured by one probe each at t=0 (interval 5 s)."""
+    reg = _registry(count)
+    for record in reg.servers.values():
+        record.estimate = selector.LatencyEstimate()
+        reg.record_sample(record.name, ok=True, latency_s=latency_s, source="probe", mono=0.0)
+    return reg
+
+
+def _fail(reg: Registry, name: str, reporter: object, mono: float, trusted: bool = False) -> None:
+    reg.record_sample(
+        name,
+        ok=False,
+        latency_s=None,
+        source="client",
+        reporter=reporter,
+        trusted=trusted,
+        mono=mono,
+    )
+
+
+def _ejected(reg: Registry, name: str, mono: float) -> bool:
+    return selector.is_ejected(reg.servers[name].ejection, mono)
+
+
+def test_one_reporter_alone_never_ejects():
+    reg = _probed()
+    for i in range(100):
+        _fail(reg, "s0", 65534, mono=1.0 + i / 100)
+    assert not _ejected(reg, "s0", 2.0)
+
+
+@pytest.mark.parametrize(
+    ("reports", "ejected"),
+    [
+        # (reporter, mono) of each failure report, all for s0
+        ([(1000, 1.0), (1001, 1.1), (1000, 1.2)], True),  # two uids, three reports
+        ([(1000, 1.0), (1001, 1.1)], False),  # two uids, two reports: under the threshold
+        ([(1000, 1.0), (1000, 1.1), (1001, 30.0)], False),  # the first uid's are stale
+        ([(1000, 1.0), (1001, 1.1), (1002, 1.2)], True),
+    ],
+)
+def test_failures_of_two_reporters_eject(reports, ejected):
+    reg = _probed()
+    for reporter, mono in reports:
+        _fail(reg, "s0", reporter, mono)
+    assert _ejected(reg, "s0", reports[-1][1]) is ejected
+
+
+def test_a_failing_probe_confirms_client_reports_and_a_good_one_clears_them():
+    reg = _probed()
+    for _ in range(2):
+        _fail(reg, "s0", 65534, mono=1.0)
+    reg.record_sample("s0", ok=True, latency_s=1.0, source="probe", mono=5.0)
+    reg.record_sample("s0", ok=False, latency_s=None, source="probe", mono=10.0)
+    assert not _ejected(reg, "s0", 10.0)  # the success in between cleared the reports
+    for _ in range(2):
+        _fail(reg, "s1", 65534, mono=11.0)
+    reg.record_sample("s1", ok=False, latency_s=None, source="probe", mono=12.0)
+    assert _ejected(reg, "s1", 12.0)
+
+
+def test_untrusted_successes_never_cancel_failing_probes():
+    reg = _probed()
+    for mono in (5.0, 10.0, 15.0):
+        reg.record_sample("s0", ok=False, latency_s=None, source="probe", mono=mono)
+        reg.record_sample("s0", ok=True, latency_s=0.1, source="client", reporter=65534, mono=mono)
+    assert _ejected(reg, "s0", 15.0)
+
+
+def test_client_reports_never_eject_the_last_serving_server_of_a_size():
+    reg = _probed(2)
+    for reporter in (1000, 1001):
+        for _ in range(3):
+            _fail(reg, "s0", reporter, mono=1.0)
+    assert _ejected(reg, "s0", 1.0)
+    for reporter in (1000, 1001):
+        for _ in range(3):
+            _fail(reg, "s1", reporter, mono=1.0)
+    assert not _ejected(reg, "s1", 1.0)
+
+
+def test_trusted_reporters_eject_as_probes_do():
+    reg = _probed()
+    for _ in range(3):
+        _fail(reg, "s0", 0, mono=1.0, trusted=True)
+    assert _ejected(reg, "s0", 1.0)
+
+
+@pytest.mark.parametrize(
+    ("reported", "expected"),
+    [(0.001, 1.0 / CLIENT_SAMPLE_BAND), (100.0, 1.0 * CLIENT_SAMPLE_BAND), (1.2, 1.2)],
+)
+def test_a_client_latency_counts_only_within_the_band_of_the_probes(reported, expected):
+    reg = _probed(1)
+    record = reg.servers["s0"]
+    record.estimate = selector.LatencyEstimate()  # only the client's sample, to read it
+    reg.record_sample("s0", ok=True, latency_s=reported, source="client", reporter=1, mono=1.0)
+    assert record.estimate.value_s == pytest.approx(expected)
+    assert record.probe_estimate.value_s == pytest.approx(1.0)
+
+
+def test_a_reporter_counts_once_per_probe_interval_and_not_before_a_probe():
+    reg = _registry(1)
+    record = reg.servers["s0"]
+    record.estimate = selector.LatencyEstimate()
+    reg.record_sample("s0", ok=True, latency_s=0.5, source="client", reporter=1, mono=0.0)
+    assert record.estimate.value_s is None  # nothing measured by the daemon yet
+    reg.record_sample("s0", ok=True, latency_s=1.0, source="probe", mono=0.0)
+    before = record.estimate
+    for _ in range(999):
+        reg.record_sample("s0", ok=True, latency_s=0.001, source="client", reporter=1, mono=1.0)
+    assert record.estimate.samples == before.samples + 1
+    reg.record_sample("s0", ok=True, latency_s=0.001, source="client", reporter=2, mono=1.0)
+    assert record.estimate.samples == before.samples + 2  # another reporter, its own turn
+    reg.record_sample("s0", ok=True, latency_s=0.001, source="client", reporter=1, mono=6.1)
+    assert record.estimate.samples == before.samples + 3  # the next interval
+    assert record.estimate.value_s >= 1.0 / CLIENT_SAMPLE_BAND
+
+
+def test_client_requests_spare_probes_only_for_a_while():
+    reg = _registry(1)
+    record = reg.servers["s0"]
+    interval = reg.probe_interval_s
+    reg.record_sample("s0", ok=True, latency_s=1.0, source="probe", mono=0.0)
+    reg.record_sample("s0", ok=True, latency_s=1.0, source="client", reporter=1, mono=1.0)
+    assert record.last_client_request_at == 1.0
+    late = CLIENT_SPARES_PROBES_FOR * interval + 1.0
+    reg.record_sample("s0", ok=True, latency_s=1.0, source="client", reporter=1, mono=late)
+    assert record.last_client_request_at == 1.0  # a probe is due whatever clients say
+    reg.record_sample("s0", ok=False, latency_s=None, source="client", reporter=1, mono=2.0)
+    assert record.last_client_request_at == 1.0  # a failure never spares a probe
