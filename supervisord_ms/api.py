@@ -55,6 +55,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from . import states
 from .config import ConfigError
 from .errors import ModelServerdError
+from .gateway import GatewaySync
 from .registry import Registry, ServerRecord
 from .store import Store, StoreWriter
 
@@ -157,6 +158,8 @@ class ApiContext:
     writer: StoreWriter  # writes (client samples)
     actions: Actions
     status: Callable[[], dict]  # version, pid, uptime_s, host addresses, config path
+    # The gateway whose worker list the daemon keeps ([gateway]); None: no gateway.
+    gateway: GatewaySync | None = None
 
 
 CTX_KEY: web.AppKey[ApiContext] = web.AppKey("modelserverd_ctx", ApiContext)
@@ -444,7 +447,9 @@ def _validate_sample(index: int, item: Any, known: Mapping[str, ServerRecord]) -
 # --- handlers -----------------------------------------------------------------------
 
 
-def server_json(record: ServerRecord, now: float | None = None) -> dict:
+def server_json(
+    record: ServerRecord, now: float | None = None, gateway: GatewaySync | None = None
+) -> dict:
     """The API's server object: the record's own fields, plus what the server says
     about itself and its load (null while unknown: not reported yet, or an SGLang
     without the endpoint)."""
@@ -454,6 +459,10 @@ def server_json(record: ServerRecord, now: float | None = None) -> dict:
     data["running"] = record.running
     data["queued"] = record.queued
     data["capacity"] = record.capacity
+    # registered | pending | removed | error at the gateway; null without one, or for
+    # a server this host does not manage (never registered from here).
+    managed = gateway is not None and record.config.is_managed
+    data["gateway"] = gateway.server_state(record.name) if managed else None
     return data
 
 
@@ -470,18 +479,21 @@ async def _status(request: web.Request) -> web.Response:
     gate = request.app.get(GATE_KEY)
     if gate is not None:
         data["api"] = gate.snapshot()
+    if ctx.gateway is not None:
+        data["gateway"] = ctx.gateway.status()
     return _json(data)
 
 
 async def _servers(request: web.Request) -> web.Response:
     ctx = _ctx(request)
     now = time.time()
-    return _json({"servers": [server_json(r, now) for r in ctx.registry.servers.values()]})
+    servers = [server_json(r, now, ctx.gateway) for r in ctx.registry.servers.values()]
+    return _json({"servers": servers})
 
 
 async def _server(request: web.Request) -> web.Response:
     ctx = _ctx(request)
-    return _json(server_json(_record(ctx, request.match_info["name"])))
+    return _json(server_json(_record(ctx, request.match_info["name"]), gateway=ctx.gateway))
 
 
 async def _best(request: web.Request) -> web.Response:
@@ -519,7 +531,8 @@ async def _best(request: web.Request) -> web.Response:
             f"no {size} server is ready right now{hint}; their states: "
             f"{', '.join(states_seen)}; `modelserverd status` shows why; retry shortly",
         )
-    return _json({"model_size": size, "candidates": [server_json(r, now) for r in candidates]})
+    found = [server_json(r, now, ctx.gateway) for r in candidates]
+    return _json({"model_size": size, "candidates": found})
 
 
 async def _sizes(request: web.Request) -> web.Response:
@@ -748,11 +761,52 @@ async def _reload(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_ServerCollector(_ctx(request).registry))
+    ctx = _ctx(request)
+    registry.register(_ServerCollector(ctx.registry))
+    if ctx.gateway is not None:
+        registry.register(_GatewayCollector(ctx.gateway))
     body = generate_latest(registry)
     resp = web.Response(body=body)
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return resp
+
+
+class _GatewayCollector:
+    """The gateway whose worker list the daemon keeps: reachable, last sync, failures,
+    and which of this host's servers it lists."""
+
+    def __init__(self, gateway: GatewaySync):
+        self.gateway = gateway
+
+    def collect(self) -> Iterator[Metric]:
+        status = self.gateway.status()
+        reachable = GaugeMetricFamily(
+            "modelserverd_gateway_reachable", "1 when the gateway answered", labels=["gateway"]
+        )
+        synced = GaugeMetricFamily(
+            "modelserverd_gateway_last_sync_timestamp_seconds",
+            "when the worker list was last found or made true",
+            labels=["gateway"],
+        )
+        failures = GaugeMetricFamily(
+            "modelserverd_gateway_sync_failures",
+            "calls to the gateway that failed in a row",
+            labels=["gateway"],
+        )
+        registered = GaugeMetricFamily(
+            "modelserverd_gateway_registered",
+            "1 when the gateway lists the server as this host's worker",
+            labels=["server", "gateway"],
+        )
+        for gw in status["gateways"]:
+            reachable.add_metric([gw["url"]], 1.0 if gw["reachable"] else 0.0)
+            if gw["last_sync_ts"] is not None:
+                synced.add_metric([gw["url"]], gw["last_sync_ts"])
+            failures.add_metric([gw["url"]], gw["consecutive_failures"])
+        for name, server in status["servers"].items():
+            for url, entry in server["gateways"].items():
+                registered.add_metric([name, url], 1.0 if entry["state"] == "registered" else 0.0)
+        yield from (reachable, synced, failures, registered)
 
 
 class _ServerCollector:

@@ -253,6 +253,16 @@ def check_config(config_path: str | None, as_json: bool) -> None:
     click.echo("\n(--nccl-port values are picked free at each launch.)")
 
 
+def _gateway_line(gw: dict) -> str:
+    """One line per gateway whose worker list the daemon keeps."""
+    if gw.get("reachable") is False:
+        state = f"unreachable ({gw.get('last_error') or 'no answer'}), retrying"
+    else:
+        state = f"{gw.get('registered', 0)} of this host's servers registered"
+    synced = gw.get("last_sync_at") or "never"
+    return f"gateway {gw.get('url')}: {state}; last sync {synced}"
+
+
 def _load_cell(server: dict) -> str:
     """``running+queued/capacity`` as SGLang's scheduler last reported, ``-`` unknown."""
     running, queued = server.get("running"), server.get("queued")
@@ -327,6 +337,9 @@ def status(config_path: str | None, as_json: bool) -> None:
         click.echo(click.style(writer_line, fg="red") if _colour() else writer_line)
     if info.get("gpu_error"):
         click.echo(f"GPU view: {info['gpu_error']}")
+    gateway = info.get("gateway")
+    for gw in (gateway or {}).get("gateways", []):
+        click.echo(_gateway_line(gw))
     rows = []
     for s in servers:
         where = ("local" if s["local"] else "remote") + f" {s['ip']}:{s['port']}"
@@ -342,6 +355,7 @@ def status(config_path: str | None, as_json: bool) -> None:
                 s.get("sglang_version") or "-",
                 _latency(s.get("latency_s")),
                 _load_cell(s),
+                *([s.get("gateway") or "-"] if gateway else []),
                 recent.get(s["name"], 0),
                 (s.get("last_error") or "")[:60],
             ]
@@ -358,6 +372,7 @@ def status(config_path: str | None, as_json: bool) -> None:
             "version",
             "latency",
             "load",
+            *(["gateway"] if gateway else []),
             "restarts24h",
             "last error",
         ],
