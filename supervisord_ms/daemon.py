@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,12 @@ log = logging.getLogger("modelserverd")
 LOG_MAX_BYTES = 50 * 1024 * 1024
 LOG_KEEP = 3
 HOUSEKEEPING_S = 30.0
+# A background task (prober, housekeeping, notify) that fails is started again
+# after this long, doubled while it keeps failing, up to the second figure; its
+# traceback is logged at most once per the third.
+TASK_RESTART_S = 1.0
+TASK_RESTART_MAX_S = 60.0
+TASK_ERROR_LOG_S = 60.0
 
 
 class UnknownServer(KeyError):
@@ -164,9 +171,13 @@ class Daemon:
             self.registry, self.writer, on_reachability=self._on_reachability, session=self.http
         )
         background = [
-            asyncio.create_task(prober.run(self.stop_event), name="prober"),
-            asyncio.create_task(self._housekeeping(), name="housekeeping"),
-            asyncio.create_task(self._notify_loop(), name="notify"),
+            asyncio.create_task(
+                self._keep_running("prober", lambda: prober.run(self.stop_event)), name="prober"
+            ),
+            asyncio.create_task(
+                self._keep_running("housekeeping", self._housekeeping), name="housekeeping"
+            ),
+            asyncio.create_task(self._keep_running("notify", self._notify_loop), name="notify"),
         ]
         self.notifier.ready(self.summary())
         await self.stop_event.wait()
@@ -205,6 +216,8 @@ class Daemon:
             await self.reload()
         except ConfigError as exc:
             log.error("reload refused, the running config stays:\n%s", exc)
+        except Exception:  # a SIGHUP's task has nobody else to tell
+            log.exception("reload failed; see the error above")
 
     def _save_unmanaged(self, record: ServerRecord) -> None:
         """Servers only probed here get a ``servers`` row too, so the table lists
@@ -235,15 +248,62 @@ class Daemon:
             server=record.name, kind="state", old_state=old, new_state=new_state, message=message
         )
 
-    async def _housekeeping(self) -> None:
-        """Retention of latency samples and rotation of server logs."""
+    async def _keep_running(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        """Run a background task for the daemon's life: when it fails it is logged
+        and started again (issue 12, item 7), so retention, log rotation, probing and
+        the systemd watchdog never stop silently. It ends when ``run`` returns."""
+        delay = TASK_RESTART_S
+        logged_at: float | None = None
         while True:
-            cutoff = time.time() - self.config.daemon.retention_days * 86400
-            self.writer.delete_samples_older_than(cutoff)
-            for name in self.supervisors:
-                path = Path(self.config.daemon.log_dir) / f"{name}.log"
-                await asyncio.to_thread(rotate_log, path, LOG_MAX_BYTES, LOG_KEEP)
+            began = time.monotonic()
+            try:
+                await run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # whatever it was, the task must go on
+                now = time.monotonic()
+                if now - began > TASK_RESTART_MAX_S:
+                    delay = TASK_RESTART_S
+                if logged_at is None or now - logged_at >= TASK_ERROR_LOG_S:
+                    logged_at = now
+                    log.error(
+                        "background task %s failed (%s: %s); starting it again in %g s",
+                        name,
+                        type(exc).__name__,
+                        exc,
+                        delay,
+                        exc_info=exc,
+                    )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, TASK_RESTART_MAX_S)
+
+    async def _housekeeping(self) -> None:
+        """Retention of latency samples and rotation of server logs. Each step of a
+        round fails alone: a bad retention does not stop the rotation."""
+        while True:
+            await self._housekeeping_round()
             await asyncio.sleep(HOUSEKEEPING_S)
+
+    async def _housekeeping_round(self) -> None:
+        errors: list[str] = []
+        try:
+            # Never before the epoch, whatever retention_days says.
+            cutoff = max(0.0, time.time() - self.config.daemon.retention_days * 86400)
+            self.writer.delete_samples_older_than(cutoff)
+        except Exception as exc:  # logged below; the rotation still runs
+            errors.append(f"sample retention: {type(exc).__name__}: {exc}")
+        log_dir = Path(self.config.daemon.log_dir)
+        # A copy: a reload may change the servers while a rotation is awaited.
+        for name in list(self.supervisors):
+            try:
+                await asyncio.to_thread(
+                    rotate_log, log_dir / f"{name}.log", LOG_MAX_BYTES, LOG_KEEP
+                )
+            except Exception as exc:  # logged below; the other logs still rotate
+                errors.append(f"log rotation of {name}: {type(exc).__name__}: {exc}")
+        if errors:
+            log.error("housekeeping: %s", "; ".join(errors))
 
     async def _notify_loop(self) -> None:
         """WATCHDOG=1 from the event loop itself: a blocked loop stops the pings."""

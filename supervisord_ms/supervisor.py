@@ -12,12 +12,19 @@ signals processes, and it only signals processes it started (see
                                                            │ max_failures
                                                            v
                                                          fatal ──start──> (again)
+
+The task never ends before the daemon's shutdown (issue 12, items 1 and 7): an error
+in one pass (a bug, a launch that raises, the daemon out of descriptors) is logged,
+waited out and the loop goes on, so start, restart, reload and SIGTERM keep working.
+A check that cannot be made because this host is short of something of its own
+(EMFILE, ENFILE, ...) is skipped: "cannot check now" is never "the server failed".
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import random
@@ -34,6 +41,7 @@ import psutil
 from . import backoff, launcher, liveness, sglang_api, states
 from .config import Config, ServerConfig
 from .gpus import GpuError, GpuView, is_gpu_free
+from .launcher import LocalResourceError
 from .registry import ServerRecord
 from .store import StoreWriter
 
@@ -54,6 +62,19 @@ READY_REFRESH_S = 30.0
 ADOPT_TIMEOUT_S = 10.0
 # After a stop, how long to wait for the port and GPU memory to be released.
 RELEASE_EXTRA_S = 30.0
+# How often a starting server's port is checked for a listener that is not its own,
+# besides after every answer on it.
+PORT_CHECK_S = 1.0
+# When no pidfd can be opened (no descriptor left): how often to look for the exit.
+EXIT_POLL_S = 0.5
+# Before a ready server is found unhealthy or hung: how long its exit may take to
+# show (see ServerSupervisor._exiting).
+EXIT_GRACE_S = 0.5
+# After an error in a server's task: the first wait before going on, doubled up to
+# the second while errors repeat; the third says how often the log repeats them.
+TASK_RETRY_S = 0.5
+TASK_RETRY_MAX_S = 10.0
+TROUBLE_LOG_S = 60.0
 
 
 @dataclass
@@ -66,6 +87,7 @@ class Failure:
     signal: int | None = None
     at: float = field(default_factory=time.time)
     backoff_s: float | None = None
+    counted: bool = True  # False: not the server's fault; not counted towards fatal
 
 
 @dataclass
@@ -83,6 +105,15 @@ class _LoadWatch:
         if self.pending_since is None:
             return None
         return max(self.last_answer_at + hang_timeout_s, self.pending_since + hang_timeout_s / 2)
+
+
+@dataclass(frozen=True)
+class _Check:
+    """The outcome of one health check of a ready server."""
+
+    kind: str  # "ok" | "fail" | "busy" (another process listens) | "local" (not made)
+    what: str
+    no_answer: bool = False
 
 
 @dataclass
@@ -113,8 +144,21 @@ class ServerSupervisor:
         self._request: str | None = None  # "restart" | "stop" | "start" | "shutdown"
         self._restart_reason = "manual"
         self._task: asyncio.Task[None] | None = None
+        self._shutting_down = False
+        self._exit_poll: asyncio.Task[None] | None = None
         self.nccl_port: int | None = None
         self.last_pid: int | None = None  # the process the next launch replaces
+        self._been_ready = False  # the current process has been ready at least once
+        # Sockets on ip:port found to be held by the server's own process tree, and
+        # what was found listening there that is not (issue 12, item 3).
+        self._own_inodes: frozenset[int] = frozenset()
+        self._port_taken: str | None = None
+        # "Cannot check now" (a local shortage) and errors of the task: since when,
+        # how many, when last logged.
+        self._trouble_since: float | None = None
+        self._trouble_skipped = 0
+        self._trouble_logged_at = 0.0
+        self._error_logged_at: float | None = None
 
     # --- public -------------------------------------------------------------------
     @property
@@ -137,12 +181,20 @@ class ServerSupervisor:
             self.want_running = True
         elif what in ("stop", "shutdown"):
             self.want_running = False
+        if what == "shutdown":
+            self._shutting_down = True
         self._request = what
         self._wake.set()
+        if self._task is not None and self._task.done() and not self._shutting_down:
+            # Not expected: the task ends only at shutdown. A request must not be lost.
+            log.error("server %s: its supervisor task had ended; starting it again", self.name)
+            self.start_task()
 
     async def shutdown(self) -> None:
         """Stop the server (if running) and end the task."""
         self.request("shutdown")
+        if self._task is not None and self._task.done():
+            self.start_task()  # not expected (see request); the stop must still happen
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -162,7 +214,7 @@ class ServerSupervisor:
         text = f"server {self.name}: {old} -> {new}" + (f" ({message})" if message else "")
         level = (
             logging.WARNING
-            if new in (states.FATAL, states.UNHEALTHY, states.BACKOFF)
+            if new in (states.FATAL, states.UNHEALTHY, states.BACKOFF, states.PORT_BUSY)
             else logging.INFO
         )
         if old != new:
@@ -189,9 +241,10 @@ class ServerSupervisor:
                 "pgid": r.pgid,
                 "started_at": r.started_at,
                 "updated_at": time.time(),
-                "proc_create_time": self.owned.create_time if self.owned else None,
+                # Start times in clock ticks since boot (launcher.OwnedProcess).
+                "proc_create_time": self.owned.record_value() if self.owned else None,
                 "cmdline": self.proc.cmdline if self.proc else self._adopted_cmdline,
-                "descendants": [[p.pid, p.create_time] for p in self.recorded],
+                "descendants": [[p.pid, p.record_value()] for p in self.recorded],
                 "sglang_version": r.sglang_version,
             }
         )
@@ -200,64 +253,152 @@ class ServerSupervisor:
 
     # --- main loop ----------------------------------------------------------------
     async def _run(self) -> None:
-        try:
-            while True:
-                req, self._request = self._request, None
-                self._wake.clear()
-                if req == "shutdown":
-                    await self._stop_process("daemon shutting down")
-                    self.set_state(states.STOPPED, "daemon shut down")
+        """The server's task. It ends only at the daemon's shutdown: an error in a
+        pass is logged (with its traceback, at most once a minute), waited out with a
+        doubling delay, and the loop goes on from the server's current facts."""
+        delay = TASK_RETRY_S
+        while True:
+            began = time.monotonic()
+            try:
+                await self._supervise()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the server must stay supervised whatever happened
+                if time.monotonic() - began > TROUBLE_LOG_S:
+                    delay = TASK_RETRY_S
+                self._task_error(exc, delay)
+            await self._sleep_or_wake(delay)
+            delay = min(delay * 2, TASK_RETRY_MAX_S)
+
+    async def _supervise(self) -> None:
+        while True:
+            req, self._request = self._request, None
+            self._wake.clear()
+            try:
+                if await self._step(req):
                     return
-                if req == "restart" and (self.owned is None or not self.owned.alive()):
-                    self.want_running = True
-                    if self.pending is None:
-                        self.pending = Failure(self._restart_reason, "restart requested")
-                if req in ("start", "restart") and self.record.state == states.FATAL:
-                    self.history = self.history.reset()
-                    self.record.consecutive_failures = 0
-                    self.pending = Failure("manual", "started by request after fatal")
-                if not self.want_running:
-                    await self._stop_process("stop requested")
-                    self.set_state(states.STOPPED, "stopped by request" if req else "")
-                    await self._wake.wait()
-                    continue
-                if self.record.state == states.FATAL and req not in ("start", "restart"):
-                    await self._wake.wait()
-                    continue
-                if self.owned is None or not self.owned.alive():
-                    if not await self._wait_for_resources():
-                        continue
-                    if not await self._launch():
-                        continue
-                failure = await self._watch()
-                if failure is None:  # a request interrupted the watch
-                    if self._request == "restart":
-                        self._request = None
-                        why = (
-                            "config changed"
-                            if self._restart_reason == "config_change"
-                            else "restart requested"
-                        )
-                        self.pending = Failure(self._restart_reason, why)
-                        await self._stop_process(why)
-                    continue
-                await self._handle_failure(failure)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # the daemon must outlive a bug in one server's task
-            log.exception("server %s: supervisor task failed; server left as is", self.name)
-            self.set_state(states.FATAL, "internal error in the supervisor; see the daemon log")
+            except BaseException:
+                if req is not None and self._request is None:
+                    self._request = req  # acted on again after the error
+                raise
+
+    async def _step(self, req: str | None) -> bool:
+        """One turn of the state machine; True when the task is done (shutdown)."""
+        if self._shutting_down:
+            await self._stop_process("daemon shutting down")
+            self.set_state(states.STOPPED, "daemon shut down")
+            return True
+        if req == "restart" and (self.owned is None or not self.owned.alive()):
+            self.want_running = True
+            if self.pending is None:
+                self.pending = Failure(self._restart_reason, "restart requested")
+        if req in ("start", "restart") and self.record.state == states.FATAL:
+            self.history = self.history.reset()
+            self.record.consecutive_failures = 0
+            if self._restart_reason == "config_change":
+                self.pending = Failure("config_change", "config changed while fatal")
+            else:
+                self.pending = Failure("manual", "started by request after fatal")
+        if not self.want_running:
+            await self._stop_process("stop requested")
+            self.set_state(states.STOPPED, "stopped by request" if req else "")
+            await self._wake.wait()
+            return False
+        if self.record.state == states.FATAL and req not in ("start", "restart"):
+            await self._wake.wait()
+            return False
+        if self.owned is not None and not self.owned.alive():
+            # Gone while the task was getting over an error: a crash like any other
+            # (its leftovers are killed, the failure is counted, a row is written).
+            gone = self.exit_future is not None and self.exit_future.done()
+            await self._handle_failure(
+                self._exit_failure() if gone else Failure("crash", f"pid {self.owned.pid} exited")
+            )
+            return False
+        if self.owned is None:
+            if not await self._wait_for_resources():
+                return False
+            if not await self._launch():
+                return False
+        failure = await self._watch()
+        if failure is None:  # a request interrupted the watch
+            if self._request == "restart":
+                self._request = None
+                why = (
+                    "config changed"
+                    if self._restart_reason == "config_change"
+                    else "restart requested"
+                )
+                self.pending = Failure(self._restart_reason, why)
+                await self._stop_process(why)
+            return False
+        await self._handle_failure(failure)
+        return False
+
+    def _task_error(self, exc: Exception, delay: float) -> None:
+        if launcher.local_errno(exc) is not None:
+            self._cannot_check(str(exc) or type(exc).__name__)
+            return
+        message = (
+            f"error in the supervisor ({type(exc).__name__}: {exc}); state {self.record.state} "
+            f"kept, going on in {delay:g} s"
+        )
+        self.record.last_error = message
+        now = time.monotonic()
+        if self._error_logged_at is None or now - self._error_logged_at >= TROUBLE_LOG_S:
+            self._error_logged_at = now
+            log.error("server %s: %s", self.name, message, exc_info=exc)
+            self.ctx.writer.add_event(server=self.name, kind="supervisor_error", message=message)
+
+    # --- local trouble --------------------------------------------------------------
+    def _cannot_check(self, why: str) -> None:
+        """A check or a launch could not be made now because this host is short of
+        something of its own (descriptors, memory): logged at most once a minute and
+        never counted as a failure of the server."""
+        now = time.monotonic()
+        self._trouble_skipped += 1
+        if self._trouble_since is None:
+            self._trouble_since = self._trouble_logged_at = now
+            message = f"cannot check now: {why}; not counted as a failure, retrying"
+            log.warning("server %s: %s", self.name, message)
+            self.ctx.writer.add_event(server=self.name, kind="check_skipped", message=message)
+        elif now - self._trouble_logged_at >= TROUBLE_LOG_S:
+            self._trouble_logged_at = now
+            log.warning(
+                "server %s: still cannot check (%d checks skipped in %.0f s): %s",
+                self.name,
+                self._trouble_skipped,
+                now - self._trouble_since,
+                why,
+            )
+
+    def _checks_resumed(self) -> None:
+        if self._trouble_since is None:
+            return
+        message = (
+            f"checks work again after {time.monotonic() - self._trouble_since:.1f} s "
+            f"({self._trouble_skipped} skipped)"
+        )
+        self._trouble_since, self._trouble_skipped = None, 0
+        log.info("server %s: %s", self.name, message)
+        self.ctx.writer.add_event(server=self.name, kind="check_resumed", message=message)
 
     # --- before launch --------------------------------------------------------------
     async def _wait_for_resources(self) -> bool:
         """Wait until every GPU of the server is free and its port is free."""
         while True:
-            blocker = await asyncio.to_thread(self._check_resources)
-            if blocker is None:
-                return True
-            state, message = blocker
-            if self.record.state != state or self.record.last_error != message:
-                self.set_state(state, message)
+            try:
+                blocker = await asyncio.to_thread(self._check_resources)
+            except LocalResourceError as exc:
+                self._cannot_check(str(exc))
+            else:
+                self._checks_resumed()
+                if blocker is None:
+                    return True
+                state, message = blocker
+                if self.record.state != state or self.record.last_error != message:
+                    self.set_state(state, message)
             if await self._sleep_or_wake(RECHECK_S):
                 return False
 
@@ -267,6 +408,8 @@ class ServerSupervisor:
             view = self.ctx.gpu_view()
             gpus = {g.index: g for g in view.snapshot()}
         except GpuError as exc:
+            if launcher.local_errno(exc) is not None:
+                raise LocalResourceError(f"cannot read GPUs now: {exc}") from exc
             return states.WAITING_GPU, f"cannot read GPUs: {exc}"
         for index in self.server.gpus:
             info = gpus.get(index)
@@ -280,35 +423,50 @@ class ServerSupervisor:
                     f"GPU {index} has {info.free_mib} of {info.total_mib} MiB free "
                     f"(needs {cfg.gpu_free_ratio:.0%}); held by {holders or 'unknown processes'}",
                 )
-        holder = launcher.port_listener(self.server.ip, self.server.port)
+        holder = launcher.port_holder(self.server.ip, self.server.port)
         if holder is not None:
-            who = f"pid {holder}" if holder else "a process this daemon cannot see"
-            return states.PORT_BUSY, f"port {self.server.port} on {self.server.ip} is held by {who}"
+            return (
+                states.PORT_BUSY,
+                f"port {self.server.port} on {self.server.ip} is held by {holder.describe()}",
+            )
         return None
 
     async def _launch(self) -> bool:
+        """Start the process. A launch that fails is a failure of the server (it backs
+        off and, repeated, goes fatal until a start or a reload); a launch this host
+        cannot make now (no descriptor left) is retried and not counted."""
         cfg = self.ctx.config()
-        if (
-            self.nccl_port is None
-            or launcher.port_listener("127.0.0.1", self.nccl_port) is not None
-        ):
-            self.ctx.nccl_ports.discard(self.nccl_port or -1)
-            self.nccl_port = launcher.free_tcp_port(
-                self.ctx.nccl_ports | {s.port for s in cfg.servers}
-            )
-            self.ctx.nccl_ports.add(self.nccl_port)
-        spec = launcher.build_launch(self.server, cfg.sglang, self.nccl_port)
         log_path = Path(cfg.daemon.log_dir) / f"{self.name}.log"
         old_pid = self.last_pid
         try:
+            if (
+                self.nccl_port is None
+                or launcher.port_listener("127.0.0.1", self.nccl_port) is not None
+            ):
+                self.ctx.nccl_ports.discard(self.nccl_port or -1)
+                self.nccl_port = launcher.free_tcp_port(
+                    self.ctx.nccl_ports | {s.port for s in cfg.servers}
+                )
+                self.ctx.nccl_ports.add(self.nccl_port)
+            spec = launcher.build_launch(self.server, cfg.sglang, self.nccl_port)
             spawned = await asyncio.to_thread(launcher.spawn, spec, log_path)
-        except launcher.LaunchError as exc:
-            await self._handle_failure(Failure("crash", str(exc)))
+        except LocalResourceError as exc:
+            self._cannot_check(str(exc))
+            await self._sleep_or_wake(RECHECK_S)
             return False
+        except launcher.LaunchError as exc:
+            await self._handle_failure(Failure("crash", f"launch failed: {exc}"))
+            return False
+        self._checks_resumed()
+        if self.proc is not None:
+            self.proc.popen.poll()  # reap the previous process, if that was not done
         self.proc = spawned
         self.owned = spawned.owned
         self.recorded = []
         self._adopted_cmdline = None
+        self._been_ready = False
+        self._own_inodes = frozenset()
+        self._port_taken = None
         self.record.pid = spawned.pid
         self.record.pgid = spawned.pid
         self.record.started_at = time.time()
@@ -343,26 +501,51 @@ class ServerSupervisor:
     # --- watching -------------------------------------------------------------------
     def _watch_exit(self, pid: int) -> None:
         """Resolve ``exit_future`` when the process exits (pidfd: works for adopted
-        processes too, which are not our children)."""
+        processes too, which are not our children; without a descriptor to spare,
+        a poll of its start time instead)."""
         loop = asyncio.get_running_loop()
         self._close_pidfd()
         fut: asyncio.Future[int | None] = loop.create_future()
         self.exit_future = fut
         try:
             fd = os.pidfd_open(pid)
-        except (ProcessLookupError, OSError):
-            fut.set_result(self._reap())
+        except ProcessLookupError:
+            fut.set_result(self._exit_status())
+            return
+        except OSError as exc:
+            if self.owned is None or self.owned.pid != pid:
+                fut.set_result(self._exit_status())
+                return
+            log.info(
+                "server %s: no pidfd for pid %d (%s); polling for its exit", self.name, pid, exc
+            )
+            self._exit_poll = asyncio.create_task(self._poll_exit(fut, self.owned))
             return
         self._pidfd = fd
 
         def on_exit() -> None:
             self._close_pidfd()
             if not fut.done():
-                fut.set_result(self._reap())
+                fut.set_result(self._exit_status())
 
         loop.add_reader(fd, on_exit)
 
+    async def _poll_exit(
+        self, fut: asyncio.Future[int | None], owned: launcher.OwnedProcess
+    ) -> None:
+        while not fut.done():
+            await asyncio.sleep(EXIT_POLL_S)
+            try:
+                running = owned.alive()
+            except LocalResourceError:
+                continue
+            if not running and not fut.done():
+                fut.set_result(self._exit_status())
+
     def _close_pidfd(self) -> None:
+        if self._exit_poll is not None:
+            self._exit_poll.cancel()
+            self._exit_poll = None
         if self._pidfd is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self._pidfd)
@@ -370,29 +553,53 @@ class ServerSupervisor:
                 os.close(self._pidfd)
             self._pidfd = None
 
-    def _reap(self) -> int | None:
+    def _exit_status(self) -> int | None:
+        """How our child ended (negative: the signal), read without reaping it: the
+        zombie keeps its pid, and so its process group's id, ours until what the
+        tree left is killed (launcher.group_is_ours). None for an adopted process."""
+        if self.proc is None:
+            return None
+        popen = self.proc.popen
+        if popen.returncode is not None:
+            return popen.returncode
+        try:
+            info = os.waitid(os.P_PID, popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return popen.returncode
+        if info is None:
+            return None
+        return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+    def _reap(self) -> None:
+        """Let the exited process go (after its group was dealt with)."""
         if self.proc is not None:
-            with contextlib.suppress(Exception):
-                return self.proc.popen.wait(timeout=1.0)
-        return None
+            with contextlib.suppress(ChildProcessError):
+                self.proc.popen.poll()
 
     async def _watch(self) -> Failure | None:
         """Follow the process from starting to ready and while ready; return why it
         must be replaced, or None when a request (stop/restart) interrupted."""
-        if self.record.state == states.STARTING:
+        if not self._been_ready:
             failure = await self._watch_startup()
-            if failure is not None or self.record.state != states.READY:
+            if failure is not None or not self._been_ready:
                 return failure
         return await self._watch_ready()
 
     async def _watch_startup(self) -> Failure | None:
-        """Poll /health until 200: connection refused and 503 mean "still loading"."""
+        """Poll /health until 200: connection refused and 503 mean "still loading".
+
+        Ready also needs the listener on ip:port to be the server's own (issue 12,
+        item 3): while SGLang loads its weights its port is closed, and anyone on the
+        host can bind it and answer /health. A listener of another process is
+        reported as ``port_busy`` with its pid and uid, and the server is not ready.
+        """
         d = self.ctx.config().daemon
         assert self.exit_future is not None
         launched = time.monotonic()
-        last_refresh = 0.0
+        last_refresh = last_port_check = 0.0
+        checked = True  # the last check could be made (no local shortage)
         while True:
-            if time.monotonic() - launched > d.startup_timeout_s:
+            if time.monotonic() - launched > d.startup_timeout_s and checked:
                 return Failure(
                     "startup_timeout",
                     f"not ready after {d.startup_timeout_s:g} s (startup_timeout_s)",
@@ -404,14 +611,66 @@ class ServerSupervisor:
             if time.monotonic() - last_refresh >= STARTUP_REFRESH_S:
                 self._refresh_descendants()
                 last_refresh = time.monotonic()
-            status = await self._health(d.health_timeout_s)
-            if self.exit_future.done():
-                return self._exit_failure()
-            if status == 200:
+            try:
+                status = await self._health(d.health_timeout_s)
+                if self.exit_future.done():
+                    return self._exit_failure()
+                port = None
+                if status is not None or time.monotonic() - last_port_check >= PORT_CHECK_S:
+                    last_port_check = time.monotonic()
+                    port = await self._port_check()
+            except LocalResourceError as exc:
+                self._cannot_check(str(exc))
+                checked = False
+                continue
+            checked = True
+            self._checks_resumed()
+            if port is None:
+                continue
+            if port.foreign:
+                self._port_busy(self._busy_message(port))
+                continue
+            if self.record.state == states.PORT_BUSY:
+                self.set_state(
+                    states.STARTING,
+                    f"no other process listens on port {self.server.port} any more; "
+                    "waiting for /health",
+                )
+            if status == 200 and port.ours:
                 # SGLang's scheduler children exist by now: record them before any crash.
                 self._refresh_descendants()
+                self._been_ready = True
                 self.set_state(states.READY, f"/health answered 200 (pid {self.record.pid})")
                 return None
+
+    async def _port_check(self) -> launcher.ListenerCheck:
+        """Who listens on the server's ip:port: its own process tree, or others."""
+        owned, recorded = self.owned, list(self.recorded)
+
+        def tree() -> list[int]:
+            pids = [p.pid for p in recorded if p.alive()]
+            if owned is not None and owned.alive():
+                pids += [owned.pid, *(p.pid for p in launcher.descendants(owned.pid))]
+            return pids
+
+        check = await asyncio.to_thread(
+            launcher.check_listeners, self.server.ip, self.server.port, tree, self._own_inodes
+        )
+        self._own_inodes = check.ours
+        return check
+
+    def _busy_message(self, check: launcher.ListenerCheck) -> str:
+        who = ", ".join(holder.describe() for holder in check.foreign)
+        return (
+            f"port {self.server.port} on {self.server.ip} is served by {who}, not by this "
+            f"server's own processes (pid {self.record.pid}); no traffic is sent to it "
+            "until that listener is gone"
+        )
+
+    def _port_busy(self, message: str) -> None:
+        self._port_taken = message
+        if self.record.state != states.PORT_BUSY or self.record.last_error != message:
+            self.set_state(states.PORT_BUSY, message)
 
     async def _watch_ready(self) -> Failure | None:
         """Two watches while ready:
@@ -424,10 +683,15 @@ class ServerSupervisor:
           is a hang, found within hang_timeout_s instead of SGLang's 20 s (or never,
           on versions whose /health does not generate). The answers are also the
           server's load, which spreads the fleet's traffic.
+
+        Each health check also looks at who listens on ip:port (see _watch_startup):
+        a listener that is not the server's own makes it ``port_busy`` (no traffic)
+        until it is gone. A check that cannot be made for a local shortage is
+        skipped, neither a failure nor a success.
         """
         d = self.ctx.config().daemon
         assert self.exit_future is not None
-        pending: deque[asyncio.Task[int | None]] = deque()
+        pending: deque[asyncio.Task[_Check]] = deque()
         load = _LoadWatch(time.monotonic())
         next_check = time.monotonic() + d.probe_interval_s
         load_every = min(LOAD_INTERVAL_S, d.probe_interval_s)
@@ -463,7 +727,7 @@ class ServerSupervisor:
                 if load.task is not None and load.task.done():
                     self._take_load(load, now)
                 if room and now >= next_check:
-                    pending.append(asyncio.create_task(self._health(d.health_timeout_s)))
+                    pending.append(asyncio.create_task(self._check(d.health_timeout_s)))
                     next_check = now + d.probe_interval_s
                 if now >= next_load:
                     if load.task is None and load.supported:
@@ -477,6 +741,8 @@ class ServerSupervisor:
                     now=now,
                     hang_timeout_s=d.hang_timeout_s,
                 ):
+                    if await self._exiting():
+                        return self._exit_failure()
                     front = await sglang_api.front_answers(
                         self.ctx.http, self.server.url, min(2.0, d.hang_timeout_s)
                     )
@@ -491,17 +757,31 @@ class ServerSupervisor:
                     self._refresh_descendants()
                     last_refresh = now
                 while pending and pending[0].done():
-                    status = pending.popleft().result()
-                    if status == 200:
+                    check = pending.popleft().result()
+                    if check.kind == "local":
+                        self._cannot_check(check.what)
+                        continue
+                    self._checks_resumed()
+                    if check.kind == "busy":
+                        self._port_busy(check.what)
+                        continue
+                    if check.kind == "ok":
                         failures = timeouts = 0
                         if self.record.state == states.UNHEALTHY:
                             self.set_state(states.READY, "/health answers again")
+                        elif self.record.state == states.PORT_BUSY:
+                            self.set_state(
+                                states.READY,
+                                f"only this server listens on port {self.server.port} again",
+                            )
                         self._maybe_stable()
                         continue
                     failures += 1
-                    timeouts += status is None
-                    what = "no answer" if status is None else f"HTTP {status}"
+                    timeouts += check.no_answer
+                    what = check.what
                     if failures >= d.health_failures:
+                        if await self._exiting():
+                            return self._exit_failure()
                         reason = "hang" if timeouts else "unhealthy"
                         message = f"{failures} consecutive failed health checks (last: {what})"
                         self.set_state(states.UNHEALTHY, message)
@@ -536,6 +816,11 @@ class ServerSupervisor:
         if task.cancelled():
             return
         exc = task.exception()
+        if launcher.local_errno(exc) is not None:
+            # The query never reached the server: no evidence either way.
+            watch.pending_since = None
+            self._cannot_check(f"load query: {exc}")
+            return
         if isinstance(exc, sglang_api.NoAnswer):
             log.info("server %s: load query: %s", self.name, exc.reason)
             return
@@ -584,6 +869,15 @@ class ServerSupervisor:
                 message=f"ready for {cfg.stable_after_s:g} s; failure count reset",
             )
 
+    async def _exiting(self) -> bool:
+        """Whether the process is on its way out: a process killed by a signal closes
+        its sockets (every check in flight fails at once) a moment before its exit
+        is seen, and that is a crash, not an unhealthy server."""
+        assert self.exit_future is not None
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.exit_future), EXIT_GRACE_S)
+        return self.exit_future.done()
+
     async def _wait_exit_or_wake(self, timeout: float) -> bool:
         assert self.exit_future is not None
         wake = asyncio.ensure_future(self._wake.wait())
@@ -605,7 +899,8 @@ class ServerSupervisor:
         return False
 
     async def _health(self, timeout_s: float) -> int | None:
-        """HTTP status of GET /health, or None when there was no answer."""
+        """HTTP status of GET /health, or None when there was no answer. Raises
+        LocalResourceError when the request could not be made (EMFILE, ...)."""
         url = f"{self.server.url}/health"
         try:
             async with self.ctx.http.get(
@@ -613,16 +908,46 @@ class ServerSupervisor:
             ) as resp:
                 await resp.read()
                 return resp.status
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            code = launcher.local_errno(exc)
+            if code is not None:
+                raise LocalResourceError(
+                    f"cannot ask {url}: {os.strerror(code)} ({errno.errorcode.get(code, code)})"
+                ) from exc
             return None
+
+    async def _check(self, timeout_s: float) -> _Check:
+        """One health check of a ready server: /health, then who listens on its port."""
+        try:
+            status = await self._health(timeout_s)
+            port = await self._port_check() if status is not None else None
+        except LocalResourceError as exc:
+            return _Check("local", str(exc))
+        if port is not None and port.foreign:
+            return _Check("busy", self._busy_message(port))
+        if status == 200 and port is not None and port.ours:
+            return _Check("ok", "")
+        if status == 200:
+            return _Check(
+                "fail",
+                f"/health answered, but no process of this server listens on "
+                f"{self.server.ip}:{self.server.port}",
+            )
+        if status is None:
+            return _Check("fail", "no answer", no_answer=True)
+        return _Check("fail", f"HTTP {status}")
 
     def _refresh_descendants(self) -> None:
         if self.owned is None:
             return
-        known = {p.pid: p for p in self.recorded if p.alive()}
-        before = set(known)
-        for child in launcher.descendants(self.owned.pid):
-            known.setdefault(child.pid, child)
+        try:
+            known = {p.pid: p for p in self.recorded if p.alive()}
+            before = set(known)
+            for child in launcher.descendants(self.owned.pid) if self.owned.alive() else ():
+                known.setdefault(child.pid, child)
+        except LocalResourceError as exc:
+            self._cannot_check(str(exc))
+            return
         self.recorded = list(known.values())
         if set(known) != before:
             self.save()
@@ -646,10 +971,29 @@ class ServerSupervisor:
         cfg = self.ctx.config().restart
         # A hung server's requests can never finish: no drain, SIGKILL at once.
         await self._stop_process(failure.message, failed=True, drain=failure.reason != "hang")
+        if self._port_taken is not None:
+            # Another process listened on the server's port meanwhile: whatever went
+            # wrong next (SGLang cannot bind, never gets ready) is not the server's
+            # fault, and a local user who takes the port must not make it fatal.
+            failure.message = (
+                f"{failure.message} (another process had taken its port: {self._port_taken})"
+            )
+            failure.counted = False
+            self._port_taken = None
+        self.record.last_error = failure.message
+        if not failure.counted:
+            failure.backoff_s = cfg.backoff_initial_s
+            self.pending = failure
+            self.set_state(
+                states.BACKOFF,
+                f"{failure.reason}: {failure.message}; not counted as a failure; relaunch "
+                f"in {cfg.backoff_initial_s:.2f} s once the port is free",
+            )
+            await self._sleep_or_wake(max(0.0, cfg.backoff_initial_s - (time.time() - failure.at)))
+            return
         now = time.monotonic()
         self.history = self.history.record(now, cfg.failure_window_s)
         self.record.consecutive_failures = self.history.count(now, cfg.failure_window_s)
-        self.record.last_error = failure.message
         decision = backoff.decide_restart(
             self.history,
             now,
@@ -677,7 +1021,10 @@ class ServerSupervisor:
     async def _stop_process(self, why: str, *, failed: bool = False, drain: bool = True) -> None:
         """Stop whatever is left of the process tree and wait until its port and GPU
         memory are released. ``drain``: give SGLang ``stop_timeout_s`` to finish its
-        requests after the SIGTERM."""
+        requests after the SIGTERM.
+
+        A main process of ours that exited is reaped only after its leftovers are
+        killed: until then its zombie keeps the group's id ours (issue 12, item 10)."""
         owned, pgid = self.owned, self.record.pgid
         if owned is None:
             return
@@ -695,7 +1042,7 @@ class ServerSupervisor:
                 log.warning("server %s: %s", self.name, note)
                 self.ctx.writer.add_event(server=self.name, kind="escalation", message=note)
         else:
-            killed = await launcher.kill_leftovers(pgid, recorded)
+            killed = await launcher.kill_leftovers(pgid, recorded, leader=owned)
             if killed:
                 note = f"killed leftover processes of the dead server: {killed}"
                 log.warning("server %s: %s", self.name, note)
@@ -704,6 +1051,7 @@ class ServerSupervisor:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.exit_future), 2.0)
         self._close_pidfd()
+        self._reap()
         pids = {owned.pid, *(p.pid for p in recorded)}
         await self._wait_released(pids, cfg.stop_timeout_s + RELEASE_EXTRA_S)
         self.owned = None
@@ -728,37 +1076,52 @@ class ServerSupervisor:
 
     def _still_held(self, pids: set[int]) -> str:
         held = []
-        holder = launcher.port_listener(self.server.ip, self.server.port)
-        if holder is not None and (holder == 0 or holder in pids):
+        holder = launcher.port_holder(self.server.ip, self.server.port)
+        if holder is not None and (holder.pid is None or holder.pid in pids):
             held.append(f"port {self.server.port}")
         try:
             for gpu in self.ctx.gpu_view().snapshot():
                 if gpu.index in self.server.gpus:
-                    mine = [p for p in gpu.processes if p.pid in pids and psutil.pid_exists(p.pid)]
+                    mine = [p for p in gpu.processes if p.pid in pids and _running(p.pid)]
                     if mine:
                         held.append(f"GPU {gpu.index} memory of pids {[p.pid for p in mine]}")
-        except GpuError:
-            pass
+        except GpuError as exc:
+            if launcher.local_errno(exc) is not None:
+                raise LocalResourceError(f"cannot read GPUs now: {exc}") from exc
         return ", ".join(held)
 
     # --- adoption -----------------------------------------------------------------------
     async def adopt(self, row: dict) -> bool:
-        """Take over a server an earlier daemon launched, if it is still that process."""
-        pid, ctime = row.get("pid"), row.get("proc_create_time")
-        recorded = launcher.decode_processes(row.get("descendants"))
-        if not pid or ctime is None:
+        """Take over a server an earlier daemon launched, if it is still that process.
+
+        Nothing the database says is signalled unchecked (issue 12, item 10): the
+        process must have the recorded start time, command line and the daemon's
+        uid; its process group is the one the kernel reports for it (the recorded
+        ``pgid`` is only compared); a recorded descendant is kept only while it is
+        in its tree, session or group, or runs under the daemon's uid and started
+        after it."""
+        pid, start = row.get("pid"), row.get("proc_create_time")
+        if not pid or start is None:
             return False
-        owned = launcher.OwnedProcess(int(pid), float(ctime))
+        try:
+            owned = launcher.OwnedProcess.from_record(int(pid), float(start))
+            recorded = launcher.decode_processes(row.get("descendants"))
+            same = owned.alive() and launcher.uid_of(owned.pid) == os.geteuid()
+        except (LocalResourceError, TypeError, ValueError) as exc:
+            log.warning("server %s: cannot read the recorded pid %s now: %s", self.name, pid, exc)
+            return False
         cmdline = row.get("cmdline")
         if not isinstance(cmdline, list):
             cmdline = None
         answering = False
-        same = owned.alive() and cmdline is not None
-        if same:
+        if same and cmdline is not None:
             try:
                 same = psutil.Process(owned.pid).cmdline() == cmdline
-            except psutil.Error:
+            except (psutil.Error, OSError):
                 same = False
+        else:
+            same = False
+        recorded = self._trusted_descendants(owned, recorded)
         if same:
             # The front alone answers /get_model_info; /health may take SGLang's
             # 20 s health timeout. Whether it is ready is the startup watch's call.
@@ -766,13 +1129,14 @@ class ServerSupervisor:
                 self.ctx.http, self.server.url, ADOPT_TIMEOUT_S
             )
         if not same or not answering:
-            leftovers = [p for p in [owned, *recorded] if p.alive()]
+            ours = owned.alive() and launcher.uid_of(owned.pid) == os.geteuid()
+            leftovers = [p for p in [owned, *recorded] if p.alive() and (p is not owned or ours)]
             why = (
                 "process gone"
                 if not owned.alive()
                 else "not the process we launched or not answering"
             )
-            if leftovers and (owned.alive() or recorded):
+            if leftovers:
                 await launcher.stop_tree(
                     leftovers[0], None, leftovers, timeout_s=self.ctx.config().daemon.stop_timeout_s
                 )
@@ -785,10 +1149,12 @@ class ServerSupervisor:
             log.info("server %s: stale record of pid %s (%s); cleaned", self.name, pid, why)
             return False
         self.owned = owned
-        self.recorded = [p for p in recorded if p.alive()]
+        self.recorded = recorded
         self._adopted_cmdline = row.get("cmdline")
+        self._been_ready = False
+        self._own_inodes = frozenset()
         self.record.pid = owned.pid
-        self.record.pgid = row.get("pgid")
+        self.record.pgid = self._adopted_pgid(owned, row.get("pgid"))
         self.record.started_at = _parse_iso(row.get("started_at"))
         self._watch_exit(owned.pid)
         self.set_state(
@@ -797,6 +1163,53 @@ class ServerSupervisor:
             kind="adopted",
         )
         return True
+
+    def _adopted_pgid(self, owned: launcher.OwnedProcess, recorded: object) -> int | None:
+        """The group to stop with the adopted process: its own, as the kernel says (it
+        was started in a session of its own, so it leads its group)."""
+        st = owned.stat()
+        live = st.pgrp if st is not None else None
+        pgid = live if live == owned.pid else None
+        if recorded is not None and recorded != pgid:
+            note = (
+                f"recorded pgid {recorded} is not the process group of pid {owned.pid} "
+                f"(the kernel says {live}); not used"
+            )
+            log.warning("server %s: %s", self.name, note)
+            self.ctx.writer.add_event(server=self.name, kind="record_mismatch", message=note)
+        return pgid
+
+    def _trusted_descendants(
+        self, owned: launcher.OwnedProcess, recorded: list[launcher.OwnedProcess]
+    ) -> list[launcher.OwnedProcess]:
+        me = os.geteuid()
+        alive = owned.alive()
+        tree = {p.pid for p in launcher.descendants(owned.pid)} if alive else set()
+        kept, dropped = [], []
+        for proc in recorded:
+            st = proc.stat()
+            if st is None:
+                continue
+            related = alive and (proc.pid in tree or owned.pid in (st.session, st.pgrp))
+            if related or (
+                launcher.uid_of(proc.pid) == me and proc.start_ticks >= owned.start_ticks
+            ):
+                kept.append(proc)
+            else:
+                dropped.append(proc.pid)
+        if dropped:
+            note = (
+                f"recorded descendants {dropped} are neither in the tree of pid {owned.pid} "
+                "nor processes of this daemon's user; left alone"
+            )
+            log.warning("server %s: %s", self.name, note)
+            self.ctx.writer.add_event(server=self.name, kind="record_mismatch", message=note)
+        return kept
+
+
+def _running(pid: int) -> bool:
+    st = launcher.read_stat(pid)
+    return st is not None and not st.exited
 
 
 def _parse_iso(text: str | None) -> float | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import shlex
@@ -266,14 +267,18 @@ def test_hostile_model_path_stays_one_argv_element():
     assert spec.argv[3:5] == ("--model-path", WEIRD_PATH)
     assert spec.argv.count(WEIRD_PATH) == 1
     expected = [f"{k}={v}" for k, v in spec.env.items()] + list(spec.argv)
-    assert shlex.split(spec.shell_line()) == expected
+    assert shlex.split(spec.shell_line(reveal=True)) == expected
 
 
 def test_shell_line_run_by_a_shell_gives_the_same_argv(fake_sglang: SglangConfig):
     # The copy-pasteable line, run by a real shell, starts exactly the daemon's argv.
     spec = build_launch(make_server((0, 1), model_path=WEIRD_PATH), fake_sglang, nccl_port=41000)
     done = subprocess.run(
-        ["sh", "-c", spec.shell_line()], capture_output=True, text=True, timeout=30, check=True
+        ["sh", "-c", spec.shell_line(reveal=True)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
     report = json.loads(done.stdout)
     assert report["argv"] == list(spec.argv[3:])
@@ -372,6 +377,9 @@ def test_spawn_runs_in_own_session_and_logs_everything(
     }
     text = log.read_text()
     assert f"modelserverd launching: {spec.shell_line()}\n" in text
+    launching = next(ln for ln in text.splitlines() if "modelserverd launching" in ln)
+    assert "B=*** C=*** CUDA_VISIBLE_DEVICES=0,1 " in launching
+    assert "from-server" not in launching  # values of env entries are masked
     assert text.index("modelserverd launching") < text.index("fake-sglang: to stderr")
     assert "fake-sglang: to stderr" in text
 
@@ -431,8 +439,8 @@ def test_owned_process_alive_then_dead(cleanup: Callable[[Any], Any]):
 
 def test_owned_process_of_missing_pid():
     assert OwnedProcess.of(NO_SUCH_PID) is None
-    assert not OwnedProcess(NO_SUCH_PID, time.time()).alive()
-    assert not OwnedProcess(NO_SUCH_PID, time.time()).signal(signal.SIGTERM)
+    assert not OwnedProcess(NO_SUCH_PID, 1).alive()
+    assert not OwnedProcess(NO_SUCH_PID, 1).signal(signal.SIGTERM)
 
 
 def test_reused_pid_is_never_signalled(cleanup: Callable[[Any], Any]):
@@ -441,7 +449,7 @@ def test_reused_pid_is_never_signalled(cleanup: Callable[[Any], Any]):
     assert real is not None
     # The same pid with another start time: what a recorded pid looks like once the
     # process died and the kernel handed the number to someone else.
-    stranger = OwnedProcess(popen.pid, real.create_time - 1000.0)
+    stranger = OwnedProcess(popen.pid, real.start_ticks - 1000)
     assert not stranger.alive()
     assert not stranger.signal(signal.SIGKILL)
     time.sleep(0.1)
@@ -449,11 +457,21 @@ def test_reused_pid_is_never_signalled(cleanup: Callable[[Any], Any]):
     assert real.alive()
 
 
-def test_decode_recorded_processes():
-    procs = [OwnedProcess(10, 1700000000.25), OwnedProcess(11, 1700000001.5)]
-    assert decode_processes("[[10, 1700000000.25], [11, 1700000001.5]]") == procs
-    assert decode_processes([[10, 1700000000.25], [11, 1700000001.5]]) == procs
-    assert decode_processes(json.dumps([[p.pid, p.create_time] for p in procs])) == procs
+def test_decode_recorded_processes(cleanup: Callable[[Any], Any]):
+    popen = cleanup(subprocess.Popen([PY, "-c", "import time; time.sleep(30)"]))
+    live = OwnedProcess.of(popen.pid)
+    assert live is not None
+    # Start times in clock ticks (this daemon) or psutil's create_time() (older ones).
+    legacy = psutil.Process(popen.pid).create_time()
+    for start in (live.record_value(), legacy):
+        assert decode_processes(json.dumps([[popen.pid, start]])) == [live]
+        assert decode_processes([[popen.pid, start]]) == [live]
+    # A record of a process that is gone names no live process.
+    gone = decode_processes([[NO_SUCH_PID, 12345.0], [NO_SUCH_PID, 1700000000.25]])
+    assert gone == [OwnedProcess(NO_SUCH_PID, 12345), OwnedProcess(NO_SUCH_PID, -1)]
+    assert not any(p.alive() for p in gone)
+    # Another start time for a live pid: someone else.
+    assert not decode_processes([[popen.pid, live.record_value() + 1]])[0].alive()
     for junk in (None, "", "[]", [], "not json", "[[1]]", '[["a", "b"]]', "{}", "[1]", [None]):
         assert decode_processes(junk) == []
 
@@ -489,7 +507,7 @@ def test_stop_tree_stops_group_and_the_child_that_left_it(
     tmp_path: Path, cleanup: Callable[[Any], Any]
 ):
     spawned, children = start_tree(tmp_path, cleanup)
-    assert {p.pid for p in descendants(spawned.pid)} == {c.pid for c in children}
+    assert set(descendants(spawned.pid)) == set(children)
     notes = asyncio.run(stop_tree(spawned.owned, spawned.pid, [], timeout_s=5.0))
     # The main process took the SIGTERM; what its tree left is SIGKILLed at once.
     assert spawned.popen.wait(timeout=5) == -signal.SIGTERM
@@ -543,7 +561,7 @@ def test_stop_tree_leaves_a_reused_pid_and_its_children_alone(
     # `main` names a pid that now belongs to another process (another start time):
     # neither that process nor its children may be signalled.
     spawned, children = start_tree(tmp_path, cleanup)
-    stale = OwnedProcess(spawned.pid, spawned.owned.create_time - 1000.0)
+    stale = OwnedProcess(spawned.pid, spawned.owned.start_ticks - 1000)
     assert asyncio.run(stop_tree(stale, None, [], timeout_s=0.5)) == []
     time.sleep(0.1)
     assert spawned.owned.alive()
@@ -567,11 +585,24 @@ def test_kill_leftovers_after_parent_was_sigkilled(tmp_path: Path, cleanup: Call
 def test_kill_leftovers_finds_group_members_that_were_not_recorded(
     tmp_path: Path, cleanup: Callable[[Any], Any]
 ):
+    # The dead leader is not reaped yet: its zombie keeps the group's id ours.
+    spawned, children = start_tree(tmp_path, cleanup, kids=1)
+    os.kill(spawned.pid, signal.SIGKILL)
+    wait_for(lambda: launcher.read_stat(spawned.pid).state == "Z", what="zombie leader")
+    assert asyncio.run(kill_leftovers(spawned.pid, [], leader=spawned.owned)) == [children[0].pid]
+    assert not children[0].alive()
+    spawned.popen.wait(timeout=5)
+
+
+def test_kill_leftovers_leaves_a_group_with_nothing_of_ours_in_it(
+    tmp_path: Path, cleanup: Callable[[Any], Any]
+):
+    # Reaped leader, nothing recorded: the group id proves nothing any more.
     spawned, children = start_tree(tmp_path, cleanup, kids=1)
     os.kill(spawned.pid, signal.SIGKILL)
     spawned.popen.wait(timeout=5)
-    assert asyncio.run(kill_leftovers(spawned.pid, [])) == [children[0].pid]
-    assert not children[0].alive()
+    assert asyncio.run(kill_leftovers(spawned.pid, [], leader=spawned.owned)) == []
+    assert children[0].alive()
 
 
 # --- logs -----------------------------------------------------------------------------
@@ -665,5 +696,80 @@ def test_group_members_ignores_a_process_that_exits_during_the_scan(monkeypatch)
         return real_getpgid(pid)
 
     monkeypatch.setattr(launcher.os, "getpgid", flaky_getpgid)
-    members = launcher.group_members(own_group)
+    me = OwnedProcess.of(os.getpid())
+    assert me is not None
+    members = launcher.group_members(own_group, [me])
     assert [m.pid for m in members] == [os.getpid()]
+
+
+# --- local shortages and secrets in launch lines ------------------------------------------
+
+
+def _raised_inside(inner: BaseException, outer: BaseException) -> BaseException:
+    """``outer`` as raised while handling ``inner``, the way the SGLang readers wrap
+    aiohttp's errors (``raise NoAnswer(...) from None`` keeps the context)."""
+    try:
+        try:
+            raise inner
+        except BaseException:
+            raise outer from None
+    except BaseException as exc:
+        return exc
+
+
+def test_local_errno_sees_through_wrappers():
+    from supervisord_ms.sglang_api import NoAnswer
+
+    emfile = OSError(errno.EMFILE, "Too many open files")
+    assert launcher.local_errno(emfile) == errno.EMFILE
+    assert launcher.local_errno(_raised_inside(emfile, NoAnswer("x"))) == errno.EMFILE
+    assert launcher.local_errno(launcher.LocalResourceError("no fd")) is not None
+    # The server's side, or a non-blocking "not yet": not a local shortage.
+    for exc in (
+        ConnectionRefusedError(errno.ECONNREFUSED, "refused"),
+        BlockingIOError(errno.EAGAIN, "try again"),
+        _raised_inside(ConnectionResetError(errno.ECONNRESET, "reset"), NoAnswer("x")),
+        None,
+    ):
+        assert launcher.local_errno(exc) is None
+
+
+def test_proc_reads_out_of_descriptors_raise_local_resource_error(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    def no_descriptor(*args: Any, **kw: Any) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(launcher.os, "open", no_descriptor)
+    me = OwnedProcess(os.getpid(), 1)
+    # "Cannot tell now" is never "dead": a dead verdict would relaunch a live server.
+    with pytest.raises(launcher.LocalResourceError, match="EMFILE"):
+        me.alive()
+    with pytest.raises(launcher.LocalResourceError):
+        launcher.listeners(1)
+
+
+@pytest.mark.parametrize(
+    ("argv", "masked"),
+    [
+        (["--api-key", "k"], ["--api-key", "***"]),
+        (["--admin-api-key=k"], ["--admin-api-key=***"]),
+        (["--hf-token", "t", "--model", "m"], ["--hf-token", "***", "--model", "m"]),
+        (["--api-key", "--port", "1"], ["--api-key", "--port", "1"]),  # no value given
+        (["--max-total-tokens", "9", "--tokenizer-path", "p"], None),
+        (["--sim-token-latency-s", "0.1", "--keyfile-dir", "d"], None),
+    ],
+)
+def test_secret_flag_values_are_masked(argv: list[str], masked: list[str] | None):
+    assert launcher.mask_secret_args(argv) == (argv if masked is None else masked)
+
+
+def test_spawn_out_of_descriptors_is_local_not_a_launch_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    def no_descriptor(*args: Any, **kw: Any) -> Any:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(launcher.subprocess, "Popen", no_descriptor)
+    with pytest.raises(launcher.LocalResourceError, match="cannot start"):
+        spawn(LaunchSpec(argv=(PY, "-c", "pass"), env={}), tmp_path / "s.log")
