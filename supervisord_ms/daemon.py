@@ -21,6 +21,7 @@ import aiohttp
 from . import __version__, states
 from .api import ApiContext, build_app, serve_unix
 from .config import Config, ConfigError, load_config, server_fields_changed
+from .gateway import GatewaySync, WorkerSpec
 from .gpus import GpuError, GpuView, open_gpu_view
 from .hostaddrs import host_addresses
 from .launcher import rotate_log
@@ -108,6 +109,7 @@ class Daemon:
         self.http: aiohttp.ClientSession | None = None
         self.ctx: SupervisorContext | None = None
         self.runner = None
+        self.gateway = _make_gateway(config, self.writer)
 
     # --- lifecycle ----------------------------------------------------------------
     async def run(self) -> int:
@@ -130,6 +132,7 @@ class Daemon:
             writer=self.writer,
             http=self.http,
             gpu_view=self.gpus.get,
+            gateway=self.gateway,
         )
         self.writer.add_event(
             server=None,
@@ -148,6 +151,7 @@ class Daemon:
             writer=self.writer,
             actions=self,
             status=self.status,
+            gateway=self.gateway,
         )
         self.runner = await serve_unix(
             build_app(api_ctx),
@@ -179,6 +183,21 @@ class Daemon:
             ),
             asyncio.create_task(self._keep_running("notify", self._notify_loop), name="notify"),
         ]
+        gateway_stop = asyncio.Event()
+        gateway_task = None
+        if self.gateway is not None:
+            # After adoption: a first sync before it would take adopted servers off.
+            gateway = self.gateway
+            gateway.set_managed(self._managed_urls())
+            gateway_task = asyncio.create_task(
+                self._keep_running(
+                    "gateway",
+                    lambda: gateway.run(
+                        gateway_stop, self._gateway_desired, self.config.gateway.sync_interval_s
+                    ),
+                ),
+                name="gateway",
+            )
         self.notifier.ready(self.summary())
         await self.stop_event.wait()
 
@@ -190,6 +209,10 @@ class Daemon:
         await asyncio.gather(
             *(s.shutdown() for s in self.supervisors.values()), return_exceptions=True
         )
+        if self.gateway is not None and gateway_task is not None:
+            gateway_stop.set()
+            await asyncio.gather(gateway_task, return_exceptions=True)
+            await self.gateway.close(grace_s=self.config.gateway.request_timeout_s)
         await self.runner.cleanup()  # also removes the socket file, if it is still ours
         self.writer.add_event(server=None, kind="daemon_stop", message="all servers stopped")
         log.info("modelserverd stopped")
@@ -207,6 +230,17 @@ class Daemon:
             await asyncio.gather(*(s.adopt(rows[s.name]) for s in new if s.name in rows))
         for sup in new:
             sup.start_task()
+
+    def _managed_urls(self) -> list[str]:
+        return [s.url for s in self.config.managed_servers]
+
+    def _gateway_desired(self) -> dict[str, WorkerSpec]:
+        """This host's servers the gateway should list: the managed ones that are ready."""
+        return {
+            r.name: WorkerSpec(r.config.url, r.config.gateway_priority, r.config.gateway_cost)
+            for r in self.registry.servers.values()
+            if r.config.is_managed and r.state == states.READY
+        }
 
     def _on_sighup(self) -> None:
         asyncio.get_running_loop().create_task(self._reload_logged())
@@ -386,6 +420,8 @@ class Daemon:
             ]
             fixed = {"socket", "state_db", "socket_mode", "socket_group", "gpu_backend"}
             needs_restart = [k for k in fixed if getattr(old.daemon, k) != getattr(new.daemon, k)]
+            if old.gateway != new.gateway:
+                needs_restart.append("gateway")  # the sync keeps its gateways until then
             # Stop removed servers with the old config still in force.
             await asyncio.gather(*(self.supervisors[n].shutdown() for n in removed))
             for n in removed:
@@ -397,6 +433,9 @@ class Daemon:
             for n in changed:
                 self.supervisors[n].request("restart", reason="config_change")
             await self._start_supervisors([new_managed[n] for n in added], adopt=False)
+            if self.gateway is not None:
+                self.gateway.set_managed(self._managed_urls())
+                self.gateway.request_sync()
             result = {
                 "added": added,
                 "removed": removed,
@@ -407,3 +446,20 @@ class Daemon:
             log.info("config reloaded: %s", result)
             self.writer.add_event(server=None, kind="reload", message=str(result))
             return result
+
+
+def _make_gateway(config: Config, writer: StoreWriter) -> GatewaySync | None:
+    """The gateway sync of ``[gateway]``; None without a URL. Every registration and
+    removal becomes an ``events`` row with the gateway's answer."""
+    gw = config.gateway
+    if not gw.enabled:
+        return None
+    return GatewaySync(
+        gw.url,
+        api_key=gw.api_key or None,
+        worker_api_key=gw.worker_api_key or None,
+        on_event=lambda server, kind, message: writer.add_event(
+            server=server, kind=kind, message=message
+        ),
+        request_timeout_s=gw.request_timeout_s,
+    )

@@ -40,6 +40,7 @@ import psutil
 
 from . import backoff, launcher, liveness, sglang_api, states
 from .config import Config, ServerConfig
+from .gateway import GatewaySync
 from .gpus import GpuError, GpuView, is_gpu_free
 from .launcher import LocalResourceError
 from .registry import ServerRecord
@@ -47,6 +48,8 @@ from .store import StoreWriter
 
 log = logging.getLogger("modelserverd")
 
+# How long a stop waits for the gateway to drop the server before the SIGTERM.
+GATEWAY_SETTLE_S = 2.0
 # How often a ready server's scheduler is asked for its load (never more often than
 # probe_interval_s): the answers spread the fleet's traffic and prove it alive.
 LOAD_INTERVAL_S = 1.0
@@ -126,6 +129,8 @@ class SupervisorContext:
     gpu_view: Callable[[], GpuView]  # raises GpuError when NVML is unavailable
     nccl_ports: set[int] = field(default_factory=set)
     rand: random.Random = field(default_factory=random.Random)
+    # The gateway whose worker list follows this host's ready servers ([gateway]).
+    gateway: GatewaySync | None = None
 
 
 class ServerSupervisor:
@@ -211,6 +216,18 @@ class ServerSupervisor:
             self.record.ready_since = time.monotonic()
         elif old == states.READY:
             self.record.ready_since = None
+        gateway = self.ctx.gateway
+        if gateway is not None and old != new and states.READY in (old, new):
+            # Leaving ready takes the server off the gateway at once; coming back
+            # puts it on again. The HTTP work runs in the background.
+            gateway.set_ready_nowait(
+                self.name,
+                self.server.url,
+                new == states.READY,
+                message or f"{old} -> {new}",
+                priority=self.server.gateway_priority,
+                cost=self.server.gateway_cost,
+            )
         text = f"server {self.name}: {old} -> {new}" + (f" ({message})" if message else "")
         level = (
             logging.WARNING
@@ -1035,6 +1052,10 @@ class ServerSupervisor:
         if owned.alive():
             if not failed:
                 self.set_state(states.STOPPING, why)
+            if self.ctx.gateway is not None:
+                # Off the gateway before the SIGTERM, so it sends nothing new to a
+                # server that drains; a gateway that does not answer never holds a stop.
+                await self.ctx.gateway.settled(self.name, GATEWAY_SETTLE_S)
             notes = await launcher.stop_tree(
                 owned, pgid, recorded, timeout_s=cfg.stop_timeout_s if drain else 0.0
             )
