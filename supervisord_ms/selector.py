@@ -658,11 +658,25 @@ def expected_delay(latency_s: float | None, load: Load | None, *, extra: int = 0
 SPREAD_UNKNOWN_CAPACITY = 16
 
 
-def spread_order(delays: Mapping[str, float | None], rand: float, rand2: float) -> list[str]:
+# The second server drawn must be this much quicker to win over the first: load
+# figures are up to a second old and latency estimates taken under load differ by a
+# few tens of percent between equal servers, and a strict comparison on such
+# figures gives the fleet a fixed order that every caller follows (herding).
+SPREAD_MARGIN = 0.3
+
+
+def spread_order(
+    delays: Mapping[str, float | None],
+    rand: float,
+    rand2: float,
+    *,
+    margin: float = SPREAD_MARGIN,
+) -> list[str]:
     """The order in which one request tries the servers: power of two choices.
 
-    Two distinct servers are drawn at random (``rand`` and ``rand2`` in [0, 1)) and
-    the one with the smaller expected delay goes first; the rest follow fastest first
+    Two distinct servers are drawn at random (``rand`` and ``rand2`` in [0, 1)); the
+    second goes first only when its expected delay is clearly smaller (by
+    ``margin``), else the first; the rest follow fastest first
     (unmeasured last, ties by name). Why not simply the fastest: every caller that
     shares one snapshot of the fleet would send its traffic to the same server, whose
     latency then rises while the others idle (herding). Two random choices spread the
@@ -689,13 +703,27 @@ def spread_order(delays: Mapping[str, float | None], rand: float, rand2: float) 
         if j >= i:
             j += 1
         a, b = pool[i], pool[j]
-        # A tie goes to the first drawn (a random one), never to a fixed favourite.
-        first = b if speed(b)[:2] < speed(a)[:2] else a
+        # Near-ties go to the first drawn (a random one), never to a fixed favourite.
+        da, db = delays[a], delays[b]
+        if da is None or db is None:
+            first = a if db is None else b
+        else:
+            first = b if db < (1.0 - margin) * da else a
     return [first, *(n for n in rest_sorted if n != first)]
 
 
+# How far above its fair share a key's server may go before the key moves: the load
+# figures are up to a second old, and a small epsilon moves keys back and forth on
+# every stale reading (each move costs the prefix cache twice).
+BOUNDED_LOAD_EPSILON = 0.5
+
+
 def bounded_load_choice(
-    key: str, names: Sequence[str], loads: Mapping[str, Load], *, epsilon: float = 0.25
+    key: str,
+    names: Sequence[str],
+    loads: Mapping[str, Load],
+    *,
+    epsilon: float = BOUNDED_LOAD_EPSILON,
 ) -> str | None:
     """The key's server under consistent hashing with bounded loads (Mirrokni, Thorup
     and Zadimoghaddam, 2018): the first server in the key's rendezvous order whose
@@ -713,7 +741,7 @@ def bounded_load_choice(
 
 
 def bounded_load_pick(
-    order: Sequence[str], loads: Mapping[str, Load], *, epsilon: float = 0.25
+    order: Sequence[str], loads: Mapping[str, Load], *, epsilon: float = BOUNDED_LOAD_EPSILON
 ) -> str | None:
     """:func:`bounded_load_choice` for a key whose rendezvous ``order`` is known."""
     if not order:

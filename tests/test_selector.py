@@ -905,5 +905,5 @@ def test_bounded_loads_spread_many_keys_evenly():
         old = loads[server]
         loads[server] = Load(running=old.running + 1, queued=0, capacity=4)
     counts = sorted(load.running for load in loads.values())
-    # within (1 + 0.25) x the mean of 16, rounded up
+    # within (1 + epsilon) x the mean of 16, rounded up
     assert counts[-1] <= 20 and sum(counts) == 64, counts
