@@ -130,9 +130,10 @@ def _parse_since(text: str) -> float:
         ) from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
 @click.version_option(__version__, prog_name="modelserverd")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Supervise the SGLang servers of this host and choose the fastest one.
 
     Example:
@@ -140,6 +141,8 @@ def cli() -> None:
         modelserverd check-config --config /etc/modelserverd/config.toml
         modelserverd status
     """
+    if ctx.invoked_subcommand is None:  # plain `modelserverd`: the help, not an error
+        click.echo(ctx.get_help())
 
 
 @cli.command()
@@ -568,20 +571,34 @@ def logs(config_path: str | None, name: str, follow: bool, lines: int) -> None:
 
 
 def _admin(action: str) -> Callable[..., None]:
-    def command(config_path: str | None, name: str, as_json: bool) -> None:
+    def command(config_path: str | None, names: tuple[str, ...], as_json: bool) -> None:
         config = _load(config_path)
-        result = _api(config, "POST", f"/v1/servers/{name}/{action}")
-        click.echo(json.dumps(result) if as_json else f"{name}: {action} requested")
+        results = []
+        for name in names:
+            before = _api(config, "GET", f"/v1/servers/{name}")
+            if action == "stop" and before.get("state") == "stopped":
+                results.append({"server": name, "requested": None, "state": "stopped"})
+                if not as_json:
+                    click.echo(f"{name}: already stopped")
+                continue
+            result = _api(config, "POST", f"/v1/servers/{name}/{action}")
+            results.append(result)
+            if not as_json:
+                click.echo(f"{name}: {action} requested")
+        if as_json:
+            click.echo(json.dumps(results[0] if len(results) == 1 else results))
 
     command.__doc__ = (
-        f"Ask the daemon to {action} a local server (admin only).\n\n"
-        f"Example:\n\n    modelserverd {action} llama8b-a\n"
+        f"Ask the daemon to {action} local servers (admin only).\n\n"
+        f"Example:\n\n\b\n    modelserverd {action} llama8b-a\n"
+        f"    modelserverd {action} llama8b-a llama8b-b\n"
     )
     return command
 
 
+_names_argument = click.argument("names", nargs=-1, required=True)
 for _action in ("restart", "stop", "start"):
-    cli.command(_action)(config_option(json_option(click.argument("name")(_admin(_action)))))
+    cli.command(_action)(config_option(json_option(_names_argument(_admin(_action)))))
 
 
 @cli.command()

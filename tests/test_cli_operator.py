@@ -355,3 +355,24 @@ def test_status_shows_a_failing_state_database(
         assert lines[1] == line and lines[2].startswith("NAME")
     result = CliRunner().invoke(cli_module.cli, ["status", "--json", "--config", config])
     assert json.loads(result.stdout)["daemon"].get("writer") == writer
+
+
+def test_stop_and_start_take_several_names_and_a_stopped_server_says_so(daemon_factory):
+    d = daemon_factory(
+        [{"name": n, "port": free_port(), "gpus": [i]} for i, n in enumerate(("a", "b"))]
+    ).start()
+    d.wait_all_ready()
+    out = _cli(d, "stop", "a", "b").stdout
+    assert "a: stop requested" in out and "b: stop requested" in out
+    d.wait_state("a", "stopped")
+    d.wait_state("b", "stopped")
+    assert _cli(d, "stop", "a").stdout.strip() == "a: already stopped"
+    assert "start requested" in _cli(d, "start", "a", "b").stdout
+    d.wait_state("a", "ready")
+
+
+def test_plain_modelserverd_prints_help_and_exits_0():
+    out = subprocess.run(
+        [sys.executable, "-m", "supervisord_ms.cli"], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0 and "Usage: " in out.stdout and "status" in out.stdout
