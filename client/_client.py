@@ -461,14 +461,14 @@ class ModelServer:
                 # Only the slow server is left: slow beats nothing.
                 return self._from_daemon([])
             if exc.code == "no_ready_server":
-                detail = f"the daemon at {self.socket_path} has no ready {size} server"
+                # The daemon's message already says which states and what to do.
+                detail = f"the daemon at {self.socket_path} says: {exc.message}"
             else:
-                detail = f"the daemon at {self.socket_path} refused to choose a {size} server"
-            raise NoServerAvailable(
-                size,
-                detail=f"{detail} ({exc.message}); see `ms-client servers` "
-                "or `modelserverd status`",
-            ) from None
+                detail = (
+                    f"the daemon at {self.socket_path} refused to choose a {size} server "
+                    f"({exc.message}); see `ms-client servers` or `modelserverd status`"
+                )
+            raise NoServerAvailable(size, detail=detail) from None
         if not found and excluded:
             return self._from_daemon([])
         if not found:

@@ -525,11 +525,22 @@ async def _best(request: web.Request) -> web.Response:
             {r.state for r in ctx.registry.servers.values() if r.config.model_size == size}
         )
         hint = " (all ready ones are in exclude)" if exclude else ""
+        fatal = sorted(
+            r.name
+            for r in ctx.registry.servers.values()
+            if r.config.model_size == size and r.state == states.FATAL
+        )
+        advice = (
+            f"`modelserverd start {' '.join(fatal)}` after fixing the cause "
+            "(`modelserverd status` shows it)"
+            if fatal
+            else "`modelserverd status` shows why; retry shortly"
+        )
         raise Refused(
             503,
             "no_ready_server",
             f"no {size} server is ready right now{hint}; their states: "
-            f"{', '.join(states_seen)}; `modelserverd status` shows why; retry shortly",
+            f"{', '.join(states_seen)}; {advice}",
         )
     found = [server_json(r, now, ctx.gateway) for r in candidates]
     return _json({"model_size": size, "candidates": found})

@@ -102,9 +102,18 @@ def _unreachable(path: str, exc: OSError) -> DaemonUnreachable:
         )
     if isinstance(exc, PermissionError) or exc.errno == errno.EACCES:
         try:
-            group = grp.getgrgid(os.stat(path).st_gid).gr_name
+            gid = os.stat(path).st_gid
+            group = grp.getgrgid(gid).gr_name
         except (OSError, KeyError):
-            group = "the socket's group"
+            gid, group = -1, "the socket's group"
+        if gid == 0 or group in ("root", "the socket's group"):
+            # Never advise joining root: the socket has no group of its own yet.
+            return DaemonUnreachable(
+                f"not permitted to use {path}: the socket is root's only; the operator "
+                'sets [daemon].socket_group (e.g. "modelserver", the group the unit\'s '
+                "sysusers entry creates) and adds users to it "
+                "(`sudo usermod -aG modelserver $USER`), or run as root"
+            )
         return DaemonUnreachable(
             f"not permitted to use {path}: join the group {group} "
             f"(`sudo usermod -aG {group} $USER`, then log in again) or run as root"
