@@ -20,10 +20,10 @@ The policies, one after the other on the same fleet and the same daemon:
 * round robin: each caller sends each request to the next server in turn (its own
   turn, starting at a different server for each caller), streamed, with keep-alive
   ``http.client`` connections; no daemon.
-* ours without a key: ``ModelServer("8B")`` (``spread=True``, the default): each request
-  draws two servers and takes the one with the smaller expected delay (the daemon's
-  latency estimate stretched by the load it last read, plus the caller's own requests in
-  flight).
+* ours without a key: ``ModelServer("8B")`` (``spread=True``, the default): the client
+  gives each instance and thread a key of its own, so the daemon keeps each caller on
+  its rendezvous server unless that server is overloaded (bounded loads), as with a
+  session key.
 * ours with a key: ``ModelServer("8B", session_key=f"caller-{i}")``: the daemon keeps the
   key on its rendezvous server unless that server is overloaded (consistent hashing
   with bounded loads).
@@ -95,9 +95,18 @@ from supervisord_ms.registry import AFFINITY_MAX_RATIO  # noqa: E402
 from supervisord_ms.selector import (  # noqa: E402
     Load,
     bounded_load_pick,
-    expected_delay,
     rendezvous_order,
 )
+
+
+def expected_delay(latency_s: float | None, load: Load) -> float | None:
+    """The daemon's latency estimate stretched by the load it shows (a request waits
+    for the batch ahead of it): what a load-aware choice would go by, to judge how
+    well the daemon's figures point at a server with room."""
+    if latency_s is None:
+        return None
+    return latency_s * (1.0 + load.busy / (load.capacity or 16))
+
 
 # --- the fleet ---------------------------------------------------------------------------
 
@@ -134,7 +143,7 @@ AFFINITY_TARGET = 95.0  # %, equal fleet, keys
 # Which of the router's policies stands beside each of ours in the table.
 PEER_OF = {"spread": "power_of_two", "key": "cache_aware", "old": "round_robin"}
 OURS = {
-    "spread": "ours without a key (spread)",
+    "spread": "ours without a session key (a key per caller, from the client)",
     "key": "ours with a session key per caller",
     "old": "ours before spreading (spread=False: the daemon's best first)",
 }

@@ -20,9 +20,9 @@ judge of "best":
 from __future__ import annotations
 
 import os
-import random
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
@@ -38,7 +38,6 @@ from supervisord_ms.config import (
     load_config,
     resolve_config_path,
 )
-from supervisord_ms.selector import expected_delay, spread_order
 
 from . import _fallback
 from ._exceptions import (
@@ -52,6 +51,7 @@ from ._exceptions import (
 from ._models import Completion, ServerInfo
 from ._policy import (
     SLOW_WINDOW,
+    demote,
     first_token_timeout,
     is_slow,
     mid_answer_timeout,
@@ -62,9 +62,7 @@ from ._sglang import APIS, AttemptFailed, Outcome, Request, stream_attempt
 from ._transport import DaemonClient, HttpTransport, SglangTransport
 
 CANDIDATE_TTL_S = 1.0  # how long the daemon's answer is reused
-# Without a session key a request may go to any good server: ask for this many, so
-# that the spreading below sees the whole fleet of a size, not the best three.
-SPREAD_POOL = 16
+CANDIDATE_CACHE_KEYS = 1024  # routing keys (threads, sessions) remembered at once
 DAEMON_RETRY_S = 10.0  # after the daemon was unreachable, how long before asking again
 DEMOTE_S = 10.0  # a server that failed here is tried last for this long
 EXCLUDE_S = 30.0  # a server found repeatedly slow is excluded for this long
@@ -137,9 +135,10 @@ class ModelServer:
     ``/etc/modelserverd/config.toml``); its ``[client]`` table sets ``max_retry``,
     ``latency_growing_rate`` and the timeouts. ``session_key`` keeps a conversation
     on one server while it stays healthy and not overloaded (SGLang's prefix cache).
-    Without one, each request draws its server among the good ones, weighing their
-    expected delay under load (``spread``; False tries the daemon's order, best
-    first, which sends every caller to the same server). ``api`` picks the
+    Without one (``spread``, the default), each instance and thread is its own
+    caller with a key of its own, so callers keep warm servers and spread over the
+    fleet; ``spread=False`` tries the daemon's order, best first, which sends every
+    caller to the same server. ``api`` picks the
     OpenAI chat API or SGLang's native ``/generate``. ``socket_path`` overrides the
     daemon socket of the config. ``transport`` replaces the HTTP layer (tests).
 
@@ -177,17 +176,15 @@ class ModelServer:
 
         self._lock = threading.Lock()
         self._probe_lock = threading.Lock()
-        self._cache: tuple[float, list[ServerInfo]] | None = None
+        # The daemon's answer per routing key (see _route_key), reused for a moment.
+        self._cache: dict[str | None, tuple[float, list[ServerInfo]]] = {}
+        self._instance_key = f"ms-{uuid.uuid4().hex[:16]}"
         self._fallback: list[ServerInfo] | None = None
         self._daemon_retry_at = 0.0
         self._current: ServerInfo | None = None
         self._slow: deque[bool] = deque(maxlen=SLOW_WINDOW)
         self._excluded: dict[str, float] = {}
         self._demoted: dict[str, float] = {}
-        # Requests this instance has in flight per server: the daemon's load figures
-        # are up to a second old and cannot show them yet.
-        self._in_flight: dict[str, int] = {}
-        self._rand = random.Random()
 
     def __repr__(self) -> str:
         return (
@@ -347,8 +344,6 @@ class ModelServer:
                 total_s=cfg.request_timeout_s,
             )
             delivered = False
-            with self._lock:
-                self._in_flight[server.name] = self._in_flight.get(server.name, 0) + 1
             try:
                 while True:
                     try:
@@ -377,8 +372,6 @@ class ModelServer:
                 continue
             finally:
                 gen.close()
-                with self._lock:
-                    self._in_flight[server.name] -= 1
             self._report(server, ok=True, latency_s=outcome.latency_s, outcome=outcome)
             self._succeeded(server, outcome)
             return Completion(
@@ -395,7 +388,7 @@ class ModelServer:
         with self._lock:
             # Everything offered failed: ask afresh next time (a new probe without
             # the daemon) instead of replaying the same list.
-            self._cache = None
+            self._cache.clear()
             self._fallback = None
         raise NoServerAvailable(self.model_size, attempts)
 
@@ -406,35 +399,33 @@ class ModelServer:
         for table in (self._demoted, self._excluded):
             for name in [n for n, until in table.items() if until <= now]:
                 del table[name]
-        healthy = [s for s in servers if s.name not in self._demoted]
-        if self.spread and self.session_key is None and len(healthy) > 1:
-            healthy = self._spread(healthy)
-        return [*healthy, *(s for s in servers if s.name in self._demoted)]
+        return demote(servers, [s.name for s in servers], self._demoted)
 
-    def _spread(self, servers: list[ServerInfo]) -> list[ServerInfo]:
-        """Each request without a session key draws its own first server (power of
-        two choices on the expected delay, :func:`selector.spread_order`), so that
-        callers sharing one answer of the daemon do not all land on the same GPU.
-        Called with the lock held."""
-        delays = {
-            s.name: expected_delay(s.latency_s, s.load, extra=self._in_flight.get(s.name, 0))
-            for s in servers
-        }
-        by_name = {s.name: s for s in servers}
-        order = spread_order(delays, self._rand.random(), self._rand.random())
-        return [by_name[name] for name in order]
+    def _route_key(self) -> str | None:
+        """The key the daemon places this request by: the session key; else, with
+        ``spread``, one of this instance and thread. Each caller then keeps a warm
+        server (SGLang's prefix cache) while callers spread over the fleet by
+        consistent hashing with bounded loads; without it, every caller would be
+        sent to the same "best" server."""
+        if self.session_key is not None:
+            return self.session_key
+        if self.spread:
+            return f"{self._instance_key}-{threading.get_ident()}"
+        return None
 
     def _candidates(self) -> list[ServerInfo]:
         now = time.monotonic()
+        key = self._route_key()
         with self._lock:
-            if self._cache is not None and now - self._cache[0] < CANDIDATE_TTL_S:
-                return self._ordered(self._cache[1], now)
+            cached = self._cache.get(key)
+            if cached is not None and now - cached[0] < CANDIDATE_TTL_S:
+                return self._ordered(cached[1], now)
             ask_daemon = now >= self._daemon_retry_at
             excluded = [n for n, until in self._excluded.items() if until > now]
         servers: list[ServerInfo] | None = None
         if ask_daemon:
             try:
-                servers = self._from_daemon(excluded)
+                servers = self._from_daemon(excluded, key)
             except DaemonUnavailable as exc:
                 with self._lock:
                     self._daemon_retry_at = time.monotonic() + DAEMON_RETRY_S
@@ -443,23 +434,22 @@ class ModelServer:
                 with self._lock:
                     self._fallback = None
         if servers is None:
-            servers = self._from_config(excluded)
+            servers = self._from_config(excluded, key)
         with self._lock:
             now = time.monotonic()
-            self._cache = (now, servers)
+            if len(self._cache) >= CANDIDATE_CACHE_KEYS:
+                self._cache.clear()
+            self._cache[key] = (now, servers)
             return self._ordered(servers, now)
 
-    def _from_daemon(self, excluded: list[str]) -> list[ServerInfo]:
+    def _from_daemon(self, excluded: list[str], key: str | None) -> list[ServerInfo]:
         size = self.model_size
         try:
-            n = self._client_cfg.max_retry
-            if self.spread and self.session_key is None:
-                n = max(n, SPREAD_POOL)
-            found = self._daemon.best(size, n=n, key=self.session_key, exclude=excluded)
+            found = self._daemon.best(size, n=self._client_cfg.max_retry, key=key, exclude=excluded)
         except DaemonError as exc:
             if exc.code == "no_ready_server" and excluded:
                 # Only the slow server is left: slow beats nothing.
-                return self._from_daemon([])
+                return self._from_daemon([], key)
             if exc.code == "no_ready_server":
                 # The daemon's message already says which states and what to do.
                 detail = f"the daemon at {self.socket_path} says: {exc.message}"
@@ -470,14 +460,14 @@ class ModelServer:
                 )
             raise NoServerAvailable(size, detail=detail) from None
         if not found and excluded:
-            return self._from_daemon([])
+            return self._from_daemon([], key)
         if not found:
             raise NoServerAvailable(
                 size, detail=f"the daemon at {self.socket_path} offered no {size} server"
             )
         return [ServerInfo.from_daemon(obj) for obj in found]
 
-    def _from_config(self, excluded: list[str]) -> list[ServerInfo]:
+    def _from_config(self, excluded: list[str], key: str | None) -> list[ServerInfo]:
         if self._config is None:
             raise ConfigProblem(
                 [
@@ -495,7 +485,7 @@ class ModelServer:
                 self.model_size,
                 transport=self._transport,
                 api=self._api,
-                key=self.session_key,
+                key=key,
                 exclude=excluded,
             )
             with self._lock:
@@ -532,7 +522,7 @@ class ModelServer:
                 self._excluded[server.name] = time.monotonic() + EXCLUDE_S
                 self._slow.clear()
                 self._current = None
-                self._cache = None
+                self._cache.clear()
                 self._fallback = None
 
     def _report(

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from supervisord_ms.selector import Load
-
 from ._policy import Expectation
 
 
@@ -86,20 +84,6 @@ class ServerInfo:
     @property
     def url(self) -> str:
         return f"http://{self.address}"
-
-    @property
-    def load(self) -> Load | None:
-        """The load the daemon last read from this server (None when it has none, as
-        for servers chosen from the config file)."""
-        running, queued = self.raw.get("running"), self.raw.get("queued")
-        if not isinstance(running, int) or not isinstance(queued, int):
-            return None
-        capacity = self.raw.get("capacity")
-        return Load(
-            running=running,
-            queued=queued,
-            capacity=capacity if isinstance(capacity, int) and capacity > 0 else None,
-        )
 
     @property
     def expectation(self) -> Expectation:

@@ -23,9 +23,11 @@ HYSTERESIS_MARGIN = 0.2
 HYSTERESIS_HOLD_PROBES = 2.0
 EJECTION_THRESHOLD = 3
 # A conversation stays on its server while that server is healthy (ready, not
-# ejected); only a server this many times slower than the best loses its keys, so
-# probe noise on a busy host never moves a conversation (and its prefix cache).
-AFFINITY_MAX_RATIO = 10.0
+# ejected), not overloaded (bounded loads) and no more than this many times slower
+# than the best: probe noise and load move equal servers' estimates by a few tens
+# of percent, while a server 3x slower would hold its callers' requests for 3x as
+# long (every ModelServer caller has a key, so this decides most traffic).
+AFFINITY_MAX_RATIO = 2.5
 AFFINITY_CACHE_KEYS = 10_000
 # Client reports come from anyone who can reach the socket, and nothing one of
 # them sends may eject or steer a server for everyone (DESIGN.md, "Who may do

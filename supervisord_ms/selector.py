@@ -15,10 +15,9 @@ How the pieces fit (see "Choosing the best server" in the design contract):
 * :func:`choose_best` keeps the current best until a challenger is clearly faster for a
   while (hysteresis: a switch throws away SGLang's prefix cache); :func:`rank` orders the
   candidates; :func:`affinity_rank` keeps a conversation (``key``) on one server.
-* :func:`expected_delay` stretches a latency by the server's load; :func:`spread_order`
-  (power of two choices) spreads requests without a key over the fleet, and
-  :func:`bounded_load_choice` keeps a key on its server unless that server is
-  overloaded (consistent hashing with bounded loads).
+* :func:`bounded_load_choice` keeps a key on its server unless that server is
+  overloaded (consistent hashing with bounded loads); the client gives every caller
+  without a session key a key of its own, so callers spread over the fleet.
 * :func:`should_reselect` is the client's rule: re-select on repeated slowness, not on one
   outlier. :func:`seed_policy_reselect` and :func:`seed_policy_best` are the seed's rules,
   kept so the benchmarks can compare.
@@ -42,7 +41,6 @@ __all__ = [
     "bounded_load_choice",
     "bounded_load_pick",
     "choose_best",
-    "expected_delay",
     "expected_latency",
     "first_token_deadline",
     "is_ejected",
@@ -56,7 +54,6 @@ __all__ = [
     "seed_policy_reselect",
     "should_reselect",
     "speed_order",
-    "spread_order",
     "update_estimate",
 ]
 
@@ -630,86 +627,6 @@ def _effective_capacity(load: Load) -> int | None:
         return load.capacity
     # A queue means the batch is full: the running count is the capacity.
     return max(1, load.running) if load.queued else None
-
-
-def expected_delay(latency_s: float | None, load: Load | None, *, extra: int = 0) -> float | None:
-    """How long a new request would take on a server: its latency estimate, stretched
-    by the requests ahead of it.
-
-    SGLang batches continuously: at most ``capacity`` requests run and the rest queue,
-    and each decode step slows as the batch grows. With ``b`` requests there
-    (``extra`` counts requests this caller has in flight that the last report cannot
-    show yet), a new request takes about ``latency x (1 + b / capacity)``: the batch
-    share while there is room, and a turn of the queue per ``capacity`` requests
-    ahead once it is full. Unmeasured servers have no expected delay (None).
-    """
-    if latency_s is None:
-        return None
-    if load is None:
-        return latency_s * (1.0 + extra / SPREAD_UNKNOWN_CAPACITY)
-    capacity = _effective_capacity(load)
-    ahead = load.busy + extra
-    return latency_s * (1.0 + ahead / (capacity or SPREAD_UNKNOWN_CAPACITY))
-
-
-# Assumed batch size of a server that reports no capacity and no queue: SGLang's own
-# default --max-running-requests on a large GPU is in the hundreds; a small figure
-# keeps a caller's own in-flight requests from looking free.
-SPREAD_UNKNOWN_CAPACITY = 16
-
-
-# The second server drawn must be this much quicker to win over the first: load
-# figures are up to a second old and latency estimates taken under load differ by a
-# few tens of percent between equal servers, and a strict comparison on such
-# figures gives the fleet a fixed order that every caller follows (herding).
-SPREAD_MARGIN = 0.3
-
-
-def spread_order(
-    delays: Mapping[str, float | None],
-    rand: float,
-    rand2: float,
-    *,
-    margin: float = SPREAD_MARGIN,
-) -> list[str]:
-    """The order in which one request tries the servers: power of two choices.
-
-    Two distinct servers are drawn at random (``rand`` and ``rand2`` in [0, 1)); the
-    second goes first only when its expected delay is clearly smaller (by
-    ``margin``), else the first; the rest follow fastest first
-    (unmeasured last, ties by name). Why not simply the fastest: every caller that
-    shares one snapshot of the fleet would send its traffic to the same server, whose
-    latency then rises while the others idle (herding). Two random choices spread the
-    load nearly as evenly as round robin, yet a server much slower than the rest wins
-    a draw only against a server even more loaded, so it gets little traffic.
-    Unmeasured servers take part in the draw only when no server is measured.
-    """
-    names = sorted(delays)
-    if not names:
-        return []
-    measured = [n for n in names if delays[n] is not None]
-    pool = measured or names
-
-    def speed(n: str) -> tuple[bool, float, str]:
-        d = delays[n]
-        return (d is None, d if d is not None else 0.0, n)
-
-    rest_sorted = sorted(names, key=speed)
-    if len(pool) == 1:
-        first = pool[0]
-    else:
-        i = min(int(rand * len(pool)), len(pool) - 1)
-        j = min(int(rand2 * (len(pool) - 1)), len(pool) - 2)
-        if j >= i:
-            j += 1
-        a, b = pool[i], pool[j]
-        # Near-ties go to the first drawn (a random one), never to a fixed favourite.
-        da, db = delays[a], delays[b]
-        if da is None or db is None:
-            first = a if db is None else b
-        else:
-            first = b if db < (1.0 - margin) * da else a
-    return [first, *(n for n in rest_sorted if n != first)]
 
 
 # How far above its fair share a key's server may go before the key moves: the load

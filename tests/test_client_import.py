@@ -23,13 +23,7 @@ def test_importing_ms_client_loads_only_the_standard_library() -> None:
     modules = loaded_after("import ms_client")
     assert [m for m in HEAVY + ["click"] if m in modules] == []
     ours = sorted(m for m in modules if m.split(".")[0] == "supervisord_ms")
-    # config and selector are pure and import only the standard library
-    assert ours == [
-        "supervisord_ms",
-        "supervisord_ms.config",
-        "supervisord_ms.errors",
-        "supervisord_ms.selector",
-    ]
+    assert ours == ["supervisord_ms", "supervisord_ms.config", "supervisord_ms.errors"]
 
 
 def test_the_cli_adds_click_and_nothing_heavy() -> None:

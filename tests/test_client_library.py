@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -247,47 +246,32 @@ def test_one_object_serves_many_threads(sglang, daemon, tmp_path) -> None:
     wait_for(lambda: len(fake.samples) == 40, what="40 samples reported")
 
 
-# --- spreading requests without a key ---------------------------------------------------
+# --- callers without a session key ----------------------------------------------------
 
 
-def test_requests_without_a_key_spread_over_equal_servers(sglang, daemon, tmp_path) -> None:
-    """Callers sharing one answer of the daemon must not all land on its first server."""
-    fakes = [sglang(name) for name in "abcd"]
-    fake = daemon([f.server_object(running=0, queued=0, capacity=4) for f in fakes])
-    ms = client(fake, tmp_path)
-    served = Counter(ms.get_completion("hi", max_tokens=4).server for _ in range(80))
-    assert set(served) == set("abcd"), served
-    assert max(served.values()) <= 40, served  # the daemon's first is not everyone's
-    # the whole fleet is asked for, not the best max_retry
-    assert fake.best_queries()[0]["n"] == "16"
+def test_each_instance_and_thread_is_a_caller_with_its_own_key(sglang, daemon, tmp_path) -> None:
+    """Without a session key, every instance and thread asks the daemon with a key of
+    its own: each caller keeps a warm server while callers spread over the fleet
+    (the daemon's bounded-load hashing), instead of all taking the same "best" one."""
+    a = sglang("a")
+    fake = daemon([a.server_object()])
+    one, two = client(fake, tmp_path), client(fake, tmp_path)
+    one.get_completion("hi", max_tokens=4)
+    time.sleep(1.1)  # past the candidate cache
+    one.get_completion("hi", max_tokens=4)
+    two.get_completion("hi", max_tokens=4)
+    worker = threading.Thread(target=lambda: one.get_completion("hi", max_tokens=4))
+    worker.start()
+    worker.join(10)
+    keys = [q.get("key") for q in fake.best_queries()]
+    assert len(keys) == 4 and all(keys), keys
+    assert keys[0] == keys[1]  # the same caller keeps its key
+    assert len({keys[1], keys[2], keys[3]}) == 3  # another instance, another thread
+    assert {q["n"] for q in fake.best_queries()} == {"3"}
 
 
-def test_a_much_slower_server_gets_little_traffic(sglang, daemon, tmp_path) -> None:
-    fakes = [sglang(name) for name in "abc"]
-    objs = [
-        fakes[0].server_object(latency_s=0.3, running=0, queued=0, capacity=4),
-        fakes[1].server_object(latency_s=0.3, running=0, queued=0, capacity=4),
-        fakes[2].server_object(latency_s=0.9, running=0, queued=0, capacity=4),
-    ]
-    ms = client(daemon(objs), tmp_path)
-    served = Counter(ms.get_completion("hi", max_tokens=4).server for _ in range(60))
-    assert served["c"] == 0, served  # it wins a draw only against a busier server
-    assert served["a"] >= 15 and served["b"] >= 15, served
-
-
-def test_a_loaded_server_is_passed_over(sglang, daemon, tmp_path) -> None:
-    a, b = sglang("a"), sglang("b")
-    objs = [
-        a.server_object(latency_s=0.3, running=4, queued=12, capacity=4),
-        b.server_object(latency_s=0.3, running=1, queued=0, capacity=4),
-    ]
-    ms = client(daemon(objs), tmp_path)
-    served = Counter(ms.get_completion("hi", max_tokens=4).server for _ in range(20))
-    assert served == Counter({"b": 20})
-
-
-def test_a_session_key_keeps_the_daemons_order(sglang, daemon, tmp_path) -> None:
-    fakes = [sglang(name) for name in "abc"]
-    fake = daemon([f.server_object(running=0, queued=0, capacity=4) for f in fakes])
-    ms = client(fake, tmp_path, session_key="conv-1")
-    assert {ms.get_completion("hi", max_tokens=4).server for _ in range(10)} == {"a"}
+def test_spread_false_asks_for_the_daemons_order(sglang, daemon, tmp_path) -> None:
+    a = sglang("a")
+    fake = daemon([a.server_object()])
+    client(fake, tmp_path, spread=False).get_completion("hi", max_tokens=4)
+    assert "key" not in fake.best_queries()[0]

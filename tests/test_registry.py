@@ -9,7 +9,12 @@ import pytest
 
 from supervisord_ms import selector, states
 from supervisord_ms.config import parse_config
-from supervisord_ms.registry import CLIENT_SAMPLE_BAND, CLIENT_SPARES_PROBES_FOR, Registry
+from supervisord_ms.registry import (
+    AFFINITY_MAX_RATIO,
+    CLIENT_SAMPLE_BAND,
+    CLIENT_SPARES_PROBES_FOR,
+    Registry,
+)
 
 
 def _registry(count: int = 4) -> Registry:
@@ -60,7 +65,7 @@ def test_exclude_and_key_match_a_fresh_computation():
         got = _names(reg.best("8B", n=8, key=key, mono=float(step)))
         ranked = _names(reg.best("8B", n=8, mono=float(step)))
         latencies = {r.name: r.estimate.value_s for r in reg.servers.values()}
-        expected = selector.affinity_rank(key, ranked, latencies, max_ratio=10.0)
+        expected = selector.affinity_rank(key, ranked, latencies, max_ratio=AFFINITY_MAX_RATIO)
         assert got == expected
         excluded = _names(reg.best("8B", n=8, exclude=[ranked[0]], mono=float(step)))
         assert ranked[0] not in excluded and len(excluded) == len(ranked) - 1

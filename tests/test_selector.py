@@ -833,54 +833,7 @@ def test_one_outlier_does_not_reselect_but_a_slowdown_does() -> None:
 from supervisord_ms.selector import (  # noqa: E402
     Load,
     bounded_load_choice,
-    expected_delay,
-    spread_order,
 )
-
-
-@pytest.mark.parametrize(
-    ("latency", "load", "extra", "want"),
-    [
-        (None, Load(), 0, None),  # unmeasured: no expectation
-        (1.0, None, 0, 1.0),  # no load known
-        (1.0, Load(running=0, queued=0, capacity=4), 0, 1.0),
-        (1.0, Load(running=2, queued=0, capacity=4), 0, 1.5),  # half the batch used
-        (1.0, Load(running=4, queued=4, capacity=4), 0, 3.0),  # full, a batch queued
-        (1.0, Load(running=1, queued=0, capacity=4), 1, 1.5),  # our own in flight count
-        (2.0, Load(running=4, queued=4, capacity=None), 0, 6.0),  # a queue: batch is full
-        (1.0, Load(running=8, queued=0, capacity=None), 0, 1.5),  # 16 assumed
-    ],
-)
-def test_expected_delay(latency, load, extra, want):
-    got = expected_delay(latency, load, extra=extra)
-    assert got == pytest.approx(want) if want is not None else got is None
-
-
-def test_spread_order_draws_two_and_keeps_the_quicker():
-    delays = {"a": 1.0, "b": 1.0, "c": 3.0}
-    # rand picks a (index 0), rand2 picks c (index 1 of the remaining two)
-    assert spread_order(delays, 0.0, 0.99) == ["a", "b", "c"]
-    # c and b drawn: b is quicker
-    assert spread_order(delays, 0.99, 0.6)[0] == "b"
-    # a tie goes to the first drawn, so equal servers share the traffic
-    assert spread_order({"a": 1.0, "b": 1.0}, 0.9, 0.0)[0] == "b"
-    assert spread_order({"a": 1.0, "b": 1.0}, 0.1, 0.0)[0] == "a"
-    assert spread_order({}, 0.5, 0.5) == []
-    assert spread_order({"only": None}, 0.5, 0.5) == ["only"]
-    # unmeasured servers are not drawn while any is measured; they go last
-    assert spread_order({"a": 2.0, "new": None}, 0.99, 0.99) == ["a", "new"]
-
-
-def test_spread_order_shares_equal_servers_and_starves_a_slow_one():
-    import random
-
-    rng = random.Random(7)
-    delays = {"a": 1.0, "b": 1.0, "c": 1.0, "slow": 3.0}
-    firsts = [spread_order(delays, rng.random(), rng.random())[0] for _ in range(3000)]
-    counts = {n: firsts.count(n) for n in delays}
-    assert counts["slow"] == 0
-    for n in "abc":
-        assert 850 <= counts[n] <= 1150, counts
 
 
 def test_bounded_loads_keep_a_key_home_until_its_server_is_overloaded():
