@@ -10,7 +10,8 @@ whatever of its process tree is still alive a minute later is killed.
     .venv/bin/python bench/run.py --only restart,scale  # a subset; other rows are kept
 
 Scenarios: store, sim, overhead, decision, failover_kill, failover_hang, failover_errors,
-failover_slow, restart, hang, stop, stability, affinity, affinity_router, scale, fleet.
+failover_slow, restart, hang, stop, stability, affinity, affinity_router, scale, fleet,
+gateway.
 
 The scenarios compared with the SGLang router need ``sglang-router`` (a benchmark
 dependency, never the product's): when it is missing from this interpreter's
@@ -150,6 +151,7 @@ JOBS = [
     _router_job("affinity_router", "affinity", 180),
     Job("scale", [PY, str(BENCH / "bench_supervisor.py"), "scale"], 480),
     Job("fleet", [PY, str(BENCH / "bench_fleet.py"), "fleet"], 420, needs_router=True),
+    Job("gateway", [PY, str(BENCH / "bench_gateway.py"), "gateway"], 360, needs_router=True),
 ]
 
 
