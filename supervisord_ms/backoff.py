@@ -41,6 +41,7 @@ def backoff_delay(
     max_s: float,
     jitter: float = 0.2,
     rand: float = 0.5,
+    quick_first: bool = True,
 ) -> float:
     """Seconds to wait before relaunch number ``attempt`` (1 = the first after a crash).
 
@@ -57,8 +58,10 @@ def backoff_delay(
       which leaves a tenth of a second to check the GPUs and port and spawn, so the
       relaunch comes within 1 s of the exit.
 
-    ``rand = 0`` gives the bottom of the range, ``rand = 1`` the top. The result is never
-    below 0 and never above ``max_s``.
+    ``quick_first=False`` gives attempt 1 the whole range too (retries of a call to
+    another service, where there is no relaunch to hurry). ``rand = 0`` gives the
+    bottom of the range, ``rand = 1`` the top. The result is never below 0 and never
+    above ``max_s``.
     """
     if attempt < 1:
         raise ValueError(f"attempt must be >= 1, got {attempt}")
@@ -70,7 +73,8 @@ def backoff_delay(
         raise ValueError(f"rand must be in [0, 1], got {rand}")
     nominal = min(initial_s * 2.0 ** min(attempt - 1, _MAX_EXPONENT), max_s)
     low = max(nominal * (1.0 - jitter), 0.0)
-    high = nominal * (1.0 - jitter / 2) if attempt == 1 else nominal * (1.0 + jitter)
+    quick = quick_first and attempt == 1
+    high = nominal * (1.0 - jitter / 2) if quick else nominal * (1.0 + jitter)
     high = min(high, max_s)
     low = min(low, high)
     # min(): rounding must not lift rand = 1 a hair above the cap.

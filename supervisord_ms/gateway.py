@@ -62,6 +62,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
+from .backoff import backoff_delay
 from .errors import ModelServerdError
 
 __all__ = [
@@ -273,17 +274,9 @@ def retry_delay(
     instant. Never above ``max_s``, never below 0."""
     if failures < 1:
         raise ValueError(f"failures must be >= 1, got {failures}")
-    if initial_s < 0 or max_s < 0:
-        raise ValueError(f"delays must be >= 0, got initial_s={initial_s}, max_s={max_s}")
-    if jitter < 0:
-        raise ValueError(f"jitter must be >= 0, got {jitter}")
-    if not 0.0 <= rand <= 1.0:
-        raise ValueError(f"rand must be in [0, 1], got {rand}")
-    nominal = min(initial_s * 2.0 ** min(failures - 1, 1000), max_s)
-    low = max(nominal * (1.0 - jitter), 0.0)
-    high = min(nominal * (1.0 + jitter), max_s)
-    low = min(low, high)
-    return min(low + rand * (high - low), high)
+    return backoff_delay(
+        failures, initial_s=initial_s, max_s=max_s, jitter=jitter, rand=rand, quick_first=False
+    )
 
 
 def summarize(entry_states: Iterable[str]) -> str:
