@@ -76,6 +76,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import router_peer  # noqa: E402
+from bench_router import _pid_of  # noqa: E402
 from common import (  # noqa: E402
     BenchDaemon,
     emit,
@@ -339,17 +340,6 @@ class Connections:
         for conn in self._conns.values():
             conn.close()
         self._conns.clear()
-
-
-def _pid_of(answer_id: str) -> int | None:
-    """The simulator's pid from a response id (``chatcmpl-<pid hex><8 hex digits>``)."""
-    tail = answer_id.rsplit("-", 1)[-1]
-    if len(tail) <= 8:
-        return None
-    try:
-        return int(tail[:-8], 16)
-    except ValueError:
-        return None
 
 
 def round_robin_callers(started: list[Sim], model: str) -> Callable[[int], Caller]:

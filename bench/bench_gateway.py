@@ -78,8 +78,8 @@ from bench_router import (  # noqa: E402
     Outcome,
     _chat_body,
     _chosen,
-    _pid_of,
     _sim,
+    router_sender,
 )
 from common import (  # noqa: E402
     BenchDaemon,
@@ -317,24 +317,7 @@ def run_phase(d: BenchDaemon, gw: Gateway, fault: str, managed: bool) -> Result:
     client = BareClient(gw.port)
     url_of = {s["name"]: f"http://127.0.0.1:{s['port']}" for s in d.servers}
 
-    def send(o: Outcome, cutoff: float) -> None:
-        try:
-            timeout = max(0.05, cutoff - time.monotonic())
-            status, data = client.post("/v1/chat/completions", payload, timeout)
-            if status != 200:
-                o.error = f"HTTP {status}: {data[:200].decode('utf-8', 'replace')}"
-                return
-            answer = json.loads(data)
-            o.ok = bool(answer.get("choices"))
-            o.server = names.name(_pid_of(str(answer.get("id", ""))))
-            if not o.ok:
-                o.error = f"no choices in {data[:200]!r}"
-        except TimeoutError:
-            o.error = "no answer by the end of the window"
-        except Exception as exc:  # counted, then reported
-            o.error = f"{type(exc).__name__}: {exc}"[:300]
-        finally:
-            o.end = time.monotonic()
+    send = router_sender(client, payload, names)
 
     for _ in range(5):
         client.post("/v1/chat/completions", payload, 10)

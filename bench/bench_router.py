@@ -352,6 +352,34 @@ class Outcome:
     error: str | None = None
 
 
+def router_sender(
+    client: BareClient, payload: bytes, names: Names
+) -> Callable[[Outcome, float], None]:
+    """A whole (not streamed) chat request through a router, filling in an Outcome:
+    which server answered (from the response id), or why it failed."""
+
+    def send(o: Outcome, cutoff: float) -> None:
+        try:
+            timeout = max(0.05, cutoff - time.monotonic())
+            status, data = client.post("/v1/chat/completions", payload, timeout)
+            if status != 200:
+                o.error = f"HTTP {status}: {data[:200].decode('utf-8', 'replace')}"
+                return
+            answer = json.loads(data)
+            o.ok = bool(answer.get("choices"))
+            o.server = names.name(_pid_of(str(answer.get("id", ""))))
+            if not o.ok:
+                o.error = f"no choices in {data[:200]!r}"
+        except TimeoutError:
+            o.error = "no answer by the end of the window"
+        except Exception as exc:  # counted, then reported
+            o.error = f"{type(exc).__name__}: {exc}"[:300]
+        finally:
+            o.end = time.monotonic()
+
+    return send
+
+
 class TapTransport:
     """The client's own HTTP transport, noting when each attempt goes to which port."""
 
@@ -515,24 +543,7 @@ def _phase_router(d: BenchDaemon, kind: str, folder: Path) -> Phase:
         client = BareClient(router.port)
         url_of = {s["name"]: f"http://127.0.0.1:{s['port']}" for s in d.servers}
 
-        def send(o: Outcome, cutoff: float) -> None:
-            try:
-                timeout = max(0.05, cutoff - time.monotonic())
-                status, data = client.post("/v1/chat/completions", payload, timeout)
-                if status != 200:
-                    o.error = f"HTTP {status}: {data[:200].decode('utf-8', 'replace')}"
-                    return
-                answer = json.loads(data)
-                o.ok = bool(answer.get("choices"))
-                o.server = names.name(_pid_of(str(answer.get("id", ""))))
-                if not o.ok:
-                    o.error = f"no choices in {data[:200]!r}"
-            except TimeoutError:
-                o.error = "no answer by the end of the window"
-            except Exception as exc:  # counted, then reported
-                o.error = f"{type(exc).__name__}: {exc}"[:300]
-            finally:
-                o.end = time.monotonic()
+        send = router_sender(client, payload, names)
 
         for _ in range(5):
             client.post("/v1/chat/completions", payload, 10)
