@@ -40,6 +40,9 @@ class ServerInfo:
     version: str | None
     incremental_streaming_output: bool | None
     max_running_requests: int | None
+    # server_args.py: tokens prefilled per scheduler step; None when chunked prefill is
+    # off (-1) or the answer does not say. With it on, no one step is long.
+    chunked_prefill_size: int | None = None
 
 
 class NoLoadEndpoint(Exception):
@@ -124,6 +127,7 @@ def parse_server_info(body: Any) -> ServerInfo:
         version=version if isinstance(version, str) and version else None,
         incremental_streaming_output=incremental if isinstance(incremental, bool) else None,
         max_running_requests=_count(body.get("max_running_requests")) or None,
+        chunked_prefill_size=_count(body.get("chunked_prefill_size")) or None,
     )
 
 

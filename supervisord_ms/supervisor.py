@@ -102,12 +102,39 @@ class _LoadWatch:
     task: asyncio.Task[sglang_api.Load | None] | None = None
     path: str | None = None  # the load endpoint this server answers on
     supported: bool = True
+    sent_at: float | None = None  # monotonic; when the outstanding query went out
+    slowest_answer_s: float = 0.0  # the longest a query waited for its answer
+    steps_bounded: bool = False  # chunked prefill on (server info): no step is long
+
+    def silence_s(self, hang_timeout_s: float) -> float:
+        """How long this scheduler may stay silent (see liveness.hang_silence_s)."""
+        return liveness.hang_silence_s(
+            hang_timeout_s=hang_timeout_s,
+            slowest_answer_s=self.slowest_answer_s,
+            steps_bounded=self.steps_bounded,
+        )
+
+    def limit_words(self, hang_timeout_s: float) -> str:
+        """The silence allowed and why, for the event log."""
+        silence = self.silence_s(hang_timeout_s)
+        if not self.steps_bounded:
+            return f"hang_timeout_s {hang_timeout_s:g} s; chunked prefill off or not reported"
+        if silence >= hang_timeout_s:
+            return (
+                f"hang_timeout_s {hang_timeout_s:g} s; its slowest step took "
+                f"{self.slowest_answer_s:.2f} s"
+            )
+        return (
+            f"limit {silence:g} s: chunked prefill on, its slowest step took "
+            f"{self.slowest_answer_s:.2f} s, hang_timeout_s {hang_timeout_s:g} s"
+        )
 
     def verdict_at(self, hang_timeout_s: float) -> float | None:
         """When the silence would become a hang, if no answer comes first."""
         if self.pending_since is None:
             return None
-        return max(self.last_answer_at + hang_timeout_s, self.pending_since + hang_timeout_s / 2)
+        silence = self.silence_s(hang_timeout_s)
+        return max(self.last_answer_at + silence, self.pending_since + silence / 2)
 
 
 @dataclass(frozen=True)
@@ -696,10 +723,12 @@ class ServerSupervisor:
           (SGLang's own check can take up to SGLANG_HEALTH_CHECK_TIMEOUT):
           health_failures failures in a row make the server unhealthy;
         * the scheduler, through a load query every LOAD_INTERVAL_S, one at a time
-          (see :mod:`liveness`): no answer for hang_timeout_s while the process lives
-          is a hang, found within hang_timeout_s instead of SGLang's 20 s (or never,
-          on versions whose /health does not generate). The answers are also the
-          server's load, which spreads the fleet's traffic.
+          (see :mod:`liveness`): no answer for as long as one step cannot take (half
+          of hang_timeout_s with chunked prefill and quick steps, at most
+          hang_timeout_s) while the process lives is a hang, found well before
+          SGLang's own 20 s (or never, on versions whose /health does not
+          generate). The answers are also the server's load, which spreads the
+          fleet's traffic.
 
         Each health check also looks at who listens on ip:port (see _watch_startup):
         a listener that is not the server's own makes it ``port_busy`` (no traffic)
@@ -715,7 +744,7 @@ class ServerSupervisor:
         next_load = time.monotonic() + load_every
         last_refresh = time.monotonic()
         failures = timeouts = 0
-        info = asyncio.create_task(self._read_server_info(d.hang_timeout_s))
+        info = asyncio.create_task(self._read_server_info(d.hang_timeout_s, load))
         try:
             while True:
                 room = len(pending) < d.health_failures
@@ -749,6 +778,7 @@ class ServerSupervisor:
                 if now >= next_load:
                     if load.task is None and load.supported:
                         load.task = asyncio.create_task(self._query_load(load, d.hang_timeout_s))
+                        load.sent_at = now
                         if load.pending_since is None:
                             load.pending_since = now
                     next_load = now + load_every
@@ -756,7 +786,7 @@ class ServerSupervisor:
                     last_answer_at=load.last_answer_at,
                     pending_since=load.pending_since,
                     now=now,
-                    hang_timeout_s=d.hang_timeout_s,
+                    silence_s=load.silence_s(d.hang_timeout_s),
                 ):
                     if await self._exiting():
                         return self._exit_failure()
@@ -765,7 +795,8 @@ class ServerSupervisor:
                     )
                     message = (
                         f"the scheduler answered no load query ({load.path}) for "
-                        f"{now - load.last_answer_at:.1f} s (hang_timeout_s) while "
+                        f"{now - load.last_answer_at:.1f} s ({load.limit_words(d.hang_timeout_s)}) "
+                        "while "
                         + ("the HTTP front answers" if front else "the HTTP front is silent too")
                     )
                     self.set_state(states.UNHEALTHY, message)
@@ -853,19 +884,24 @@ class ServerSupervisor:
                 self.name,
             )
             return
+        if watch.sent_at is not None:
+            watch.slowest_answer_s = max(watch.slowest_answer_s, now - watch.sent_at)
         watch.last_answer_at, watch.pending_since = now, None
         r = self.record
         r.running, r.queued, r.load_checked_at = load.running, load.queued, time.time()
         if load.capacity:
             r.capacity = load.capacity
 
-    async def _read_server_info(self, timeout_s: float) -> None:
-        """Version and streaming setting, once per process; not fatal when missing."""
+    async def _read_server_info(self, timeout_s: float, watch: _LoadWatch) -> None:
+        """Version, streaming setting and whether prefill is chunked (how long one
+        step can take, for the scheduler watch), once per process; not fatal when
+        missing."""
         try:
             info = await sglang_api.read_server_info(self.ctx.http, self.server.url, timeout_s)
         except sglang_api.NoAnswer as exc:
             log.info("server %s: no server info: %s", self.name, exc.reason)
             return
+        watch.steps_bounded = info.chunked_prefill_size is not None
         r = self.record
         r.sglang_version = info.version
         r.incremental_streaming_output = info.incremental_streaming_output

@@ -31,10 +31,12 @@ FAST_DAEMON = {
     # /health takes at least 1 s (it looks for output once a second).
     "health_timeout_s": 6.0,
     "health_failures": 2,
-    # Short, yet long enough for a loaded 2-core machine to answer /v1/loads; below
-    # SGLANG_HEALTH_CHECK_TIMEOUT, as the defaults are (10 s and 20 s), so that a hang
-    # is found by the scheduler watch before SGLang's own /health gives up.
-    "hang_timeout_s": 3.0,
+    # The scheduler watch calls a server with quick steps hung after half of this
+    # (liveness.hang_silence_s): 3 s, short yet long enough for a loaded 2-core
+    # machine to answer /v1/loads. Below SGLANG_HEALTH_CHECK_TIMEOUT, as the
+    # defaults are (10 s and 20 s), so that a hang is found by the scheduler watch
+    # before SGLang's own /health gives up.
+    "hang_timeout_s": 6.0,
     "startup_timeout_s": 20.0,
     "stop_timeout_s": 2.0,
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from supervisord_ms.liveness import scheduler_hung
+from supervisord_ms.liveness import hang_silence_s, scheduler_hung
 from supervisord_ms.sglang_api import (
     Load,
     ServerInfo,
@@ -13,7 +13,7 @@ from supervisord_ms.sglang_api import (
     parse_v1_loads,
 )
 
-# (last answer at, outstanding query since, now, hang_timeout_s) -> hung?
+# (last answer at, outstanding query since, now, silence_s) -> hung?
 CASES = [
     # answered recently: never hung
     (100.0, 105.0, 106.0, 10.0, False),
@@ -34,10 +34,35 @@ CASES = [
 
 @pytest.mark.parametrize(("last", "pending", "now", "timeout", "hung"), CASES)
 def test_scheduler_hung(last, pending, now, timeout, hung):
-    verdict = scheduler_hung(
-        last_answer_at=last, pending_since=pending, now=now, hang_timeout_s=timeout
-    )
+    verdict = scheduler_hung(last_answer_at=last, pending_since=pending, now=now, silence_s=timeout)
     assert verdict is hung
+
+
+# (hang_timeout_s, slowest load answer seen, chunked prefill on) -> silence allowed
+SILENCES = [
+    # short steps (chunked prefill), every answer quick: half of hang_timeout_s
+    (10.0, 0.01, True, 5.0),
+    (10.0, 0.0, True, 5.0),
+    # a slow step was seen: four times it
+    (10.0, 1.5, True, 6.0),
+    # ... never more than hang_timeout_s
+    (10.0, 4.0, True, 10.0),
+    (10.0, 60.0, True, 10.0),
+    # chunked prefill off, or unknown: one long prompt is one step, the whole timeout
+    (10.0, 0.01, False, 10.0),
+    # an operator's longer timeout moves the floor with it
+    (60.0, 0.01, True, 30.0),
+    # the test harness's short timeout
+    (6.0, 0.01, True, 3.0),
+]
+
+
+@pytest.mark.parametrize(("timeout", "slowest", "bounded", "silence"), SILENCES)
+def test_hang_silence(timeout, slowest, bounded, silence):
+    allowed = hang_silence_s(
+        hang_timeout_s=timeout, slowest_answer_s=slowest, steps_bounded=bounded
+    )
+    assert allowed == pytest.approx(silence)
 
 
 def test_v1_loads_adds_up_the_data_parallel_ranks():
@@ -102,3 +127,11 @@ def test_server_info_version_and_streaming_setting():
         None, None, None
     )
     assert parse_server_info([1, 2]) == ServerInfo(None, None, None)
+
+
+def test_server_info_chunked_prefill():
+    """-1 turns chunked prefill off in server_args.py: then a step has no bound."""
+    assert parse_server_info({"chunked_prefill_size": 8192}).chunked_prefill_size == 8192
+    assert parse_server_info({"chunked_prefill_size": -1}).chunked_prefill_size is None
+    assert parse_server_info({"chunked_prefill_size": None}).chunked_prefill_size is None
+    assert parse_server_info({}).chunked_prefill_size is None

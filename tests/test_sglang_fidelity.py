@@ -33,12 +33,17 @@ from daemon_harness import (
 )
 from ms_client import ModelServer
 
+from supervisord_ms.liveness import hang_silence_s
 from supervisord_ms.sim.profiles import PROFILES as SIM_PROFILES
 from supervisord_ms.store import iso_utc, parse_iso
 
 SGLANG_PROFILES = PROFILES
 
 HANG_TIMEOUT_S = FAST_DAEMON["hang_timeout_s"]
+# How long a simulated server (chunked prefill on, quick steps) may stay silent.
+HANG_SILENCE_S = hang_silence_s(
+    hang_timeout_s=HANG_TIMEOUT_S, slowest_answer_s=0.0, steps_bounded=True
+)
 # Slack on a loaded 2-core machine: the last load answer may precede the fault by a
 # probe interval, and the daemon asks /get_model_info before it calls it a hang.
 # Which watch found the hang is told by the event's message, not by the time.
@@ -115,7 +120,7 @@ def _health(port: int) -> int | None:
 # --- 1-3. a hung scheduler, a frozen process, a busy server: all at once ---------------
 #
 # One daemon per profile runs three servers and the three faults start together, so
-# the busy server's 3 x hang_timeout_s of good behaviour is watched while the other
+# the busy server's 3 x the hang silence of good behaviour is watched while the other
 # two are found and relaunched, and the suite waits once instead of three times.
 
 STALLS = {"hung": "scheduler_hang", "frozen": "freeze", "busy": "busy"}
@@ -171,8 +176,10 @@ def test_scheduler_hang_behind_a_live_front_is_found_by_the_load_query(stalled):
         lambda: [e for e in _events(d, "hung") if e[2] == "unhealthy"], "unhealthy event"
     )
     assert path in unhealthy[0][3], unhealthy
+    # Quick steps with chunked prefill: half of hang_timeout_s is enough silence.
+    assert f"limit {HANG_SILENCE_S:g} s: chunked prefill on" in unhealthy[0][3], unhealthy
     found_after = parse_iso(unhealthy[0][4]) - stalled.fault_at["hung"]
-    assert found_after <= HANG_TIMEOUT_S + DETECTION_MARGIN_S, found_after
+    assert found_after <= HANG_SILENCE_S + DETECTION_MARGIN_S, found_after
 
 
 def test_frozen_server_is_relaunched_and_leaves_nothing_behind(stalled):
@@ -199,7 +206,7 @@ def test_frozen_server_is_relaunched_and_leaves_nothing_behind(stalled):
 def test_busy_server_stays_ready_and_shows_its_queue(stalled):
     d, pid = stalled.d, stalled.pids["busy"]
     wait_until(lambda: (d.server("busy")["queued"] or 0) >= 200, 10, "the queue in the server")
-    until = stalled.fault_at["busy"] + 3 * HANG_TIMEOUT_S
+    until = stalled.fault_at["busy"] + 3 * HANG_SILENCE_S
     while time.time() < until:
         s = d.server("busy")
         assert s["state"] == "ready" and s["pid"] == pid, s

@@ -39,6 +39,7 @@ class SimOptions:
     served_model_name: str | None
     max_running_requests: int
     max_total_tokens: int | None
+    chunked_prefill_size: int | None
     enable_metrics: bool
     reasoning_parser: str | None
     tool_call_parser: str | None
@@ -178,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         help="KV cache size in tokens (only reported as token_usage)",
+    )
+    sg.add_argument(
+        "--chunked-prefill-size",
+        type=int,
+        default=None,
+        help="tokens prefilled per scheduler step; -1 turns chunking off (reported only; "
+        "the default follows GPU memory as server_args.py does)",
     )
     sg.add_argument(
         "--enable-metrics",
@@ -377,6 +385,7 @@ def parse_options(argv: Sequence[str] | None = None) -> SimOptions:
         served_model_name=ns.served_model_name,
         max_running_requests=ns.max_running_requests,
         max_total_tokens=ns.max_total_tokens,
+        chunked_prefill_size=ns.chunked_prefill_size,
         enable_metrics=ns.enable_metrics,
         reasoning_parser=ns.reasoning_parser,
         tool_call_parser=ns.tool_call_parser,

@@ -78,6 +78,7 @@ class Scheduler:
         self._resumed = asyncio.Event()
         self._resumed.set()
         self._busy_task: asyncio.Task[None] | None = None
+        self._stall: asyncio.TimerHandle | None = None
 
     # --- faults ------------------------------------------------------------------
     @property
@@ -86,10 +87,34 @@ class Scheduler:
 
     def hang(self) -> None:
         """The usual GPU/NCCL hang: no step ever completes again."""
+        self._cancel_stall()
         self._resumed.clear()
 
     def resume(self) -> None:
+        self._cancel_stall()
         self._resumed.set()
+
+    def stall(self, seconds: float) -> None:
+        """One forward step that takes ``seconds`` (an unchunked prefill of a long
+        prompt, a first-time kernel compile): nothing else happens until it ends, load
+        queries included, since scheduler.py's event loop reads its input
+        (``process_input_requests``) only between batches."""
+        self._cancel_stall()
+        self._resumed.clear()
+        self._stall = asyncio.get_running_loop().call_later(seconds, self._end_stall)
+
+    @property
+    def stalled(self) -> bool:
+        return self._stall is not None
+
+    def _end_stall(self) -> None:
+        self._stall = None
+        self._resumed.set()
+
+    def _cancel_stall(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
 
     async def alive(self) -> None:
         """Wait for the scheduler to be able to answer (for ever when hung)."""

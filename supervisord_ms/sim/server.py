@@ -16,8 +16,9 @@ version differences are in profiles.py, the links in docs/sglang.md):
 * children, one per TP rank, hold the GPU memory; one that dies takes the server
   down (the scheduler's SIGQUIT to its parent);
 * faults: crash, scheduler hang (front alive), freeze (SIGSTOP), busy (long queue,
-  healthy), child crash, 500s, an error chunk after a 200, slowness. Faults are set
-  by flags at launch or by ``POST /sim/fault`` at run time.
+  healthy), a long step (the scheduler silent for a while, then well), child crash,
+  500s, an error chunk after a 200, slowness. Faults are set by flags at launch or by
+  ``POST /sim/fault`` at run time.
 
 Log lines are a contract that tests wait for:
 
@@ -75,6 +76,7 @@ FAULT_MODES = (
     "hang",  # the usual hang: same as scheduler_hang
     "freeze",
     "busy",
+    "long_step",
     "child_crash",
     "crash",
     "error",
@@ -85,6 +87,8 @@ FAULT_MODES = (
 # The busy fault's defaults: a long queue ahead, a first token tens of seconds away.
 BUSY_QUEUED = 200
 BUSY_FIRST_TOKEN_S = 30.0
+# The long_step fault's default length.
+LONG_STEP_S = 5.0
 JSON_TYPE = "application/json"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
@@ -207,6 +211,11 @@ class Simulator:
         self.completion_tokens_total = 0
         self.gpus = list(gpus)
         self.gpu_mib = gpu_mib
+        self.chunked_prefill_size = (
+            opts.chunked_prefill_size
+            if opts.chunked_prefill_size is not None
+            else _chunked_prefill_default(opts, gpus)
+        )
         self.children: list[int] = []
         self.kill_tree: Callable[[str], None] = _exit_now
         self.started_at = time.time()
@@ -222,6 +231,8 @@ class Simulator:
 
     @property
     def mode(self) -> str:
+        if self.scheduler.stalled:
+            return "long_step"
         if self.scheduler.hung:
             return "scheduler_hang"
         if self.crashing:
@@ -752,6 +763,7 @@ class Simulator:
                 "mem_fraction_static": o.mem_fraction_static,
                 "max_running_requests": o.max_running_requests,
                 "max_total_tokens": o.max_total_tokens,
+                "chunked_prefill_size": self.chunked_prefill_size,
                 "enable_metrics": o.enable_metrics,
                 "reasoning_parser": o.reasoning_parser,
                 "tool_call_parser": o.tool_call_parser,
@@ -889,6 +901,9 @@ class Simulator:
             first = body.get("first_token_s", BUSY_FIRST_TOKEN_S)
             if not (_is_number(first) and first >= 0):
                 raise BadRequest(f"first_token_s must be a number >= 0, got {first!r}")
+            seconds = body.get("seconds", LONG_STEP_S)
+            if not (_is_number(seconds) and seconds > 0):
+                raise BadRequest(f"seconds must be a number > 0, got {seconds!r}")
             if mode == "child_crash" and not self.children:
                 raise BadRequest("child_crash needs children (--sim-children N, N >= 1)")
         except BadRequest as exc:
@@ -914,6 +929,8 @@ class Simulator:
             self.error_chunk = True
         elif mode == "busy":
             sched.set_busy(Busy(queued=queued, first_token_s=float(first)))
+        elif mode == "long_step":
+            sched.stall(float(seconds))
         if slow is not None:
             sched.slow_factor = float(slow)
         if rate is not None:
@@ -1227,6 +1244,21 @@ async def _watch_children(sim: Simulator, children: Sequence[subprocess.Popen]) 
             if code:
                 sim.kill_tree(f"child pid {proc.pid} exited ({code})")
                 return
+
+
+def _chunked_prefill_default(opts: SimOptions, gpus: Sequence[int]) -> int:
+    """server_args.py sets ``chunked_prefill_size`` from the GPU's memory when it is
+    not given: 2048 under 35 GiB, 8192 under 160 GiB, else 16384; 4096 when the
+    memory is unknown."""
+    totals: list[int] = []
+    if opts.gpu_file:
+        with contextlib.suppress(GpuError):
+            data = read_file_gpu_view(opts.gpu_file)
+            totals = [g["total_mib"] for g in data["gpus"] if g["index"] in gpus]
+    if not totals:
+        return 4096
+    memory = min(totals)
+    return 2048 if memory < 35 * 1024 else 8192 if memory < 160 * 1024 else 16384
 
 
 def _mib_for(opts: SimOptions, gpus: Sequence[int]) -> int:

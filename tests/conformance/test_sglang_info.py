@@ -69,6 +69,19 @@ def test_get_server_info_has_the_version_and_the_server_args(
     assert parsed.incremental_streaming_output is incremental
 
 
+def test_get_server_info_says_whether_prefill_is_chunked(server_info: dict[str, Any], report):
+    """``chunked_prefill_size`` (server_args.py; set from the GPU's memory when not
+    given, -1 when chunking is off) tells the daemon's scheduler watch how long one
+    batch can take (liveness.hang_silence_s, docs/sglang.md sections 6 and 9)."""
+    size = server_info.get("chunked_prefill_size")
+    report(chunked_prefill_size=size)
+    assert isinstance(size, int) and not isinstance(size, bool), (
+        f"chunked_prefill_size is not an integer: {size!r}"
+    )
+    assert size == -1 or size > 0, f"chunked_prefill_size: {size!r}"
+    assert parse_server_info(server_info).chunked_prefill_size == (size if size > 0 else None)
+
+
 @pytest.mark.parametrize("path", ["/health", "/health_generate"])
 def test_health_answers_200_within_sglangs_own_timeout(
     sglang: SGLang, server_info: dict[str, Any], path: str, report
