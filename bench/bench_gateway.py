@@ -9,7 +9,11 @@ through the gateway (a non-streamed chat completion, 8 tokens, about 60 ms). Two
 
 * **the gateway alone** (the ``sglang-router`` column): its workers on its command line
   (``--worker-urls``), as ``failover_hang`` runs it; the daemon supervises the servers
-  but does not talk to the gateway;
+  but does not talk to the gateway. For the hang's "requests failed" this run is made
+  with the daemon's scheduler watch off too (``hang_unwatched``), so that nothing but the
+  gateway acts on the hang, as for a gateway in front of servers without the daemon;
+  the run with the watch on (``hang_alone``) has its own row and is the peer of the
+  other hang rows;
 * **the gateway with the daemon** (the ``ours`` column): the gateway started with no
   workers; the daemon's ``[gateway] url`` points at it, so the daemon registers its
   ready servers, removes a server the moment it leaves ready (a stop: before the
@@ -100,6 +104,9 @@ COUNTER_EVERY_S = 0.05  # how often the faulty server's request counter is read
 TAIL_AFTER_S = 3.0  # the hang stream goes on this long after the server left ready
 TAIL_MAX_S = 20.0  # ... but no longer than this after the fault
 DETECT_POLL_S = 0.1  # how often the daemon's view of the faulty server is read
+# The gateway truly alone: the daemon's scheduler watch off. Its /health checks stay
+# on, but SGLang's /health fails a hung scheduler only after 20 s (then three checks).
+UNWATCHED_HANG_TIMEOUT_S = 3600.0
 PROBE_MATCH_S = 0.3  # how far from a probe's start its arrival may be dated
 MODELSERVERD = Path(sys.executable).parent / "modelserverd"
 # The scenario's detail (every run, every phase) goes with its first row only.
@@ -125,14 +132,16 @@ class Gateway(Router):
 
 
 @contextlib.contextmanager
-def gateway_fleet(folder: Path, *, managed: bool) -> Iterator[tuple[BenchDaemon, Gateway]]:
+def gateway_fleet(
+    folder: Path, *, managed: bool, daemon: dict[str, Any] | None = None
+) -> Iterator[tuple[BenchDaemon, Gateway]]:
     """Three simulated servers under the daemon, and a gateway in front of them: its
     workers on its command line (``managed=False``) or kept by the daemon."""
     ports = free_ports(SERVERS)
     servers = [{"name": f"s{i}", "port": ports[i], "gpus": [i]} for i in range(SERVERS)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     sim = _sim(FAILOVER_TTFT_S, 0.005)
-    d = BenchDaemon(folder, servers, daemon=DAEMON, sim_args=sim, gpus=SERVERS)
+    d = BenchDaemon(folder, servers, daemon=daemon or DAEMON, sim_args=sim, gpus=SERVERS)
     gw = Gateway(folder, [] if managed else urls)
     with gw, d:  # the daemon stops first: its removals still reach the gateway
         if managed:
@@ -554,11 +563,14 @@ def _delta(before: dict[str, float], after: dict[str, float], url: str) -> float
 # --- the scenario ----------------------------------------------------------------------------
 
 
-def _phase(fault: str, managed: bool) -> Result:
-    label = "daemon" if managed else "alone"
+def _phase(fault: str, managed: bool, watched: bool = True) -> Result:
+    """One run. ``watched=False``: the daemon's scheduler watch is off, so within the
+    window nothing but the gateway itself acts on a hang (the gateway alone)."""
+    label = "daemon" if managed else "alone" if watched else "unwatched"
+    daemon = DAEMON if watched else {**DAEMON, "hang_timeout_s": UNWATCHED_HANG_TIMEOUT_S}
     with (
         work_dir(f"gateway_{fault}_{label}") as folder,
-        gateway_fleet(folder, managed=managed) as (d, gw),
+        gateway_fleet(folder, managed=managed, daemon=daemon) as (d, gw),
     ):
         return run_phase(d, gw, fault, managed)
 
@@ -580,14 +592,19 @@ def bench_gateway() -> None:
     defaults = router_peer.router_defaults()
     results: dict[str, Result] = {}
     errors: dict[str, str] = {}
-    for fault in ("hang", "stop"):
-        for managed in (False, True):
-            key = f"{fault}_{'daemon' if managed else 'alone'}"
-            try:
-                results[key] = _phase(fault, managed)
-            except (RouterUnavailable, RuntimeError, AssertionError, OSError) as exc:
-                errors[key] = f"{type(exc).__name__}: {exc}"[:400]
-            print(f"{key}: {'done' if key in results else errors[key]}", file=sys.stderr)
+    runs = [
+        ("hang_unwatched", "hang", False, False),
+        ("hang_alone", "hang", False, True),
+        ("hang_daemon", "hang", True, True),
+        ("stop_alone", "stop", False, True),
+        ("stop_daemon", "stop", True, True),
+    ]
+    for key, fault, managed, watched in runs:
+        try:
+            results[key] = _phase(fault, managed, watched)
+        except (RouterUnavailable, RuntimeError, AssertionError, OSError) as exc:
+            errors[key] = f"{type(exc).__name__}: {exc}"[:400]
+        print(f"{key}: {'done' if key in results else errors[key]}", file=sys.stderr)
     detail = {
         "runs": {k: v.detail for k, v in results.items()},
         "errors": errors,
@@ -602,10 +619,22 @@ def bench_gateway() -> None:
             "servers": SERVERS,
             "request": f"chat completion through the gateway, {MAX_TOKENS} tokens, about 60 ms",
             "gateway": "sglang-router, policy cache_aware, other settings at their defaults",
-            "daemon": "contract defaults (probe 5 s, hang_timeout 10 s), stop_timeout_s 5; "
+            "daemon": "contract defaults (probe 5 s, hang_timeout 10 s: 5 s of scheduler "
+            "silence for a server with chunked prefill and quick steps), stop_timeout_s 5; "
             "[gateway] url only (sync_interval_s 5, request_timeout_s 5)",
+            "runs": {
+                "hang_unwatched": "the gateway alone, its workers on its command line; the "
+                f"daemon's scheduler watch off (hang_timeout_s {UNWATCHED_HANG_TIMEOUT_S:g}), "
+                "so nothing but the gateway acts on the hang in the window",
+                "hang_alone / stop_alone": "the gateway with its workers on its command "
+                "line; the daemon supervising the servers (kills and relaunches a hung one) "
+                "without keeping the gateway's list",
+                "hang_daemon / stop_daemon": "the gateway started empty; the daemon "
+                "keeping its list",
+            },
         },
     }
+    hu = results.get("hang_unwatched")
     ha, hd = results.get("hang_alone"), results.get("hang_daemon")
     sa, sd = results.get("stop_alone"), results.get("stop_daemon")
 
@@ -616,12 +645,15 @@ def bench_gateway() -> None:
         return f"not measured: {errors[key]}" if key in errors else None
 
     hang_words = "the chosen server hangs (port open, no answer)"
-    both = "ours: the gateway with the daemon keeping its list; sglang-router: the gateway alone"
+    both = (
+        "ours: the gateway with the daemon keeping its list; sglang-router: the gateway "
+        "alone, nothing else acting on the hang (the daemon's scheduler watch off)"
+    )
     # Requests failed under the hang: target <= 0.2x the gateway alone, same run.
-    target_failed = f"<= {round(0.2 * ha.failed, 1):g}" if ha is not None else None
-    note = missing("hang_daemon")
-    if hd is not None and ha is not None and hd.failed > 0.2 * ha.failed:
-        note = _hang_failed_note(hd, ha, defaults)
+    target_failed = f"<= {round(0.2 * hu.failed, 1):g}" if hu is not None else None
+    note = missing("hang_daemon") or missing("hang_unwatched")
+    if hd is not None and hu is not None and hd.failed > 0.2 * hu.failed:
+        note = _hang_failed_note(hd, hu, defaults)
     emit(
         {
             **row(
@@ -632,13 +664,31 @@ def bench_gateway() -> None:
                 val(hd, "failed"),
                 better="lower",
                 target=target_failed,
-                sglang_router=val(ha, "failed"),
+                sglang_router=val(hu, "failed"),
                 note=note,
             ),
-            "remark": _remark(ha, hd, sa, sd, defaults),
+            "remark": _remark(hu, ha, hd, sa, sd, defaults),
             "detail": detail,
         }
     )
+    emit(
+        {
+            **row(
+                "gateway",
+                "hang: requests failed through the gateway with the daemon killing and "
+                "relaunching the hung server but not keeping the gateway's list (ours); "
+                "sglang-router: the gateway alone, as above",
+                "requests",
+                val(ha, "failed"),
+                better="lower",
+                sglang_router=val(hu, "failed"),
+                note=missing("hang_alone"),
+            ),
+            "detail": SEE_FIRST,
+        }
+    )
+    # The rows below compare the daemon keeping the list with the gateway keeping its
+    # own (the daemon supervising the servers in both).
     emit(
         {
             **row(
@@ -794,26 +844,27 @@ def _kill_words(hd: Result, ha: Result) -> str:
     return f"{killed}, so no stuck request was answered after the kill"
 
 
-def _hang_failed_note(hd: Result, ha: Result, defaults: dict[str, Any]) -> str:
-    d, a = hd.detail, ha.detail
+def _hang_failed_note(hd: Result, hu: Result, defaults: dict[str, Any]) -> str:
+    d = hd.detail
     left = d.get("left_ready_after_s")
     late = left is not None and left > hd.until_none_s
     return (
-        f"{hd.failed} failed against the gateway alone's {ha.failed} (target at most "
-        f"{0.2 * ha.failed:g}). The daemon found the hang {_s(left)} after the fault with "
-        f"the gateway and {_s(a.get('left_ready_after_s'))} without (a load query "
-        "unanswered for hang_timeout_s, 10 s by default, asked every 1 s); the gateway's "
-        "cache_aware had sent its last request of the window to the hung worker "
-        f"{hd.until_none_s:g} s and {ha.until_none_s:g} s after the fault, stopping on its "
-        f"own once that worker had {defaults.get('balance_abs_threshold', '?')} more "
-        "requests in flight than the idlest"
+        f"{hd.failed} failed against the gateway alone's {hu.failed} (target at most "
+        f"{0.2 * hu.failed:g}). The daemon found the hang {_s(left)} after the fault (its "
+        "scheduler watch, a load query asked every 1 s); the gateway's cache_aware had "
+        f"sent its last request of the window to the hung worker {hd.until_none_s:g} s "
+        f"after the fault, stopping on its own once that worker had "
+        f"{defaults.get('balance_abs_threshold', '?')} more requests in flight than the "
+        "idlest"
         + (", so the removal came after every stuck request was already there" if late else "")
-        + ". A removal does not move a request already on the hung server, and the "
-        f"failed ones are those: {_kill_words(hd, ha)}"
+        + ". A removal does not move a request already on the hung server; only the kill "
+        f"does, and the daemon killed it {_s(d.get('faulty_process_gone_after_s'))} after "
+        f"the fault, while the callers gave up {WINDOW_S + GRACE_S:g} s after it"
     )
 
 
 def _remark(
+    hu: Result | None,
     ha: Result | None,
     hd: Result | None,
     sa: Result | None,
@@ -827,18 +878,29 @@ def _remark(
         "command line; and started with no workers, the daemon's [gateway] url keeping its "
         "list."
     ]
+    if hu is not None:
+        parts.append(
+            f"Hang, the gateway truly alone (the daemon's scheduler watch off): it lost "
+            f"{hu.failed} of {hu.sent_in_window} requests; the hung server received "
+            f"{hu.sent_to_faulty}, the last {hu.until_none_s:g} s after the fault, and "
+            "every one of them waited until its caller gave up (the gateway's request "
+            f"timeout is {defaults.get('request_timeout_secs', '?')} s, its /health check "
+            f"every {defaults.get('health_check_interval_secs', '?')} s)."
+        )
     if ha is not None and hd is not None:
         d, a = hd.detail, ha.detail
         text = (
-            f"Hang: the gateway alone lost {ha.failed} of {ha.sent_in_window} requests, with "
-            f"the daemon {hd.failed} of {hd.sent_in_window}. The hung server received "
+            f"Hang, the daemon supervising: with the gateway keeping its own list "
+            f"(alone) {ha.failed} of {ha.sent_in_window} requests failed, with the daemon "
+            f"keeping it {hd.failed} of {hd.sent_in_window}. The hung server received "
             f"{ha.sent_to_faulty} and {hd.sent_to_faulty} requests, the last "
             f"{ha.until_none_s:g} s and {hd.until_none_s:g} s after the fault: cache_aware "
             "leaves a worker once it has "
             f"{defaults.get('balance_abs_threshold', '?')} more requests in flight than the "
             "idlest. The daemon took the hung server out of ready "
             f"{_s(a.get('left_ready_after_s'))} and {_s(d.get('left_ready_after_s'))} after "
-            "the fault (hang_timeout_s 10 s); " + _kill_words(hd, ha) + "."
+            "the fault (its scheduler watch: 5 s of silence at the defaults for a server "
+            "with chunked prefill and quick steps); " + _kill_words(hd, ha) + "."
         )
         tail_d = d.get("arrivals_after_window_s") or []
         tail_a = a.get("arrivals_after_window_s") or []
