@@ -25,9 +25,12 @@ EJECTION_THRESHOLD = 3
 # A conversation stays on its server while that server is healthy (ready, not
 # ejected), not overloaded (bounded loads) and no more than this many times slower
 # than the best: probe noise and load move equal servers' estimates by a few tens
-# of percent, while a server 3x slower would hold its callers' requests for 3x as
-# long (every ModelServer caller has a key, so this decides most traffic).
-AFFINITY_MAX_RATIO = 2.5
+# of percent (1.4-1.5x max over min on average in the fleet bench's equal fleet),
+# while a server 3x slower per token shows about 2.4-2.7x, its batch being
+# emptier, and would hold its callers' requests for that much longer (every
+# ModelServer caller has a key, so this decides most traffic). Such a server still
+# takes a key's request when every faster one is overloaded.
+AFFINITY_MAX_RATIO = 2.0
 AFFINITY_CACHE_KEYS = 10_000
 # Client reports come from anyone who can reach the socket, and nothing one of
 # them sends may eject or steer a server for everyone (DESIGN.md, "Who may do
@@ -170,23 +173,29 @@ class _Ranking:
 
         The key's server is its rendezvous choice among the servers fast enough to
         own keys (:func:`selector.affinity_pool`), passed over while it is
-        overloaded (:func:`selector.bounded_load_pick`, on the live ``loads``). The
-        key's rendezvous order is remembered for as long as this ranking lives."""
+        overloaded (:func:`selector.bounded_load_pick`, on the live ``loads``); the
+        slower servers come after the pool, fastest first, so they take a request
+        only while every server of the pool is overloaded. The key's order is
+        remembered for as long as this ranking lives."""
         order = self._order_by_key.get(key)
         if order is None:
+            if self._speed_order is None:
+                self._speed_order = selector.speed_order(self.ranked, self.latencies)
             if self._pool is None:
                 self._pool = selector.affinity_pool(
                     self.ranked, self.latencies, max_ratio=AFFINITY_MAX_RATIO
                 )
-            order = selector.rendezvous_order(key, self._pool)
+            pool = set(self._pool)
+            order = [
+                *selector.rendezvous_order(key, self._pool),
+                *(name for name in self._speed_order if name not in pool),
+            ]
             if len(self._order_by_key) >= AFFINITY_CACHE_KEYS:
                 self._order_by_key.clear()
             self._order_by_key[key] = order
         first = selector.bounded_load_pick(order, loads)
         if first is None:
             return []
-        if self._speed_order is None:
-            self._speed_order = selector.speed_order(self.ranked, self.latencies)
         return [first, *(name for name in self._speed_order if name != first)]
 
 

@@ -71,6 +71,35 @@ def test_exclude_and_key_match_a_fresh_computation():
         assert ranked[0] not in excluded and len(excluded) == len(ranked) - 1
 
 
+def _slow_fleet(count: int = 4) -> Registry:
+    """Servers at 1 s and a last one 3x slower per token, each with 4 batch slots.
+    Its estimate shows 2.4x: with its batch emptier, it is not 3x slower per request
+    (the fleet bench's slow fleet measured 2.4-2.7x)."""
+    reg = _registry(count)
+    for i, record in enumerate(reg.servers.values()):
+        latency = 2.4 if i == count - 1 else 1.0
+        record.estimate = selector.update_estimate(selector.LatencyEstimate(), latency, 0.0)
+        record.capacity = 4
+    return reg
+
+
+def _homes(reg: Registry, keys: int = 100) -> set[str]:
+    return {_names(reg.best("8B", n=1, key=f"k{i}", mono=1.0))[0] for i in range(keys)}
+
+
+def test_a_3x_slower_server_is_no_keys_home():
+    assert _homes(_slow_fleet()) == {"s0", "s1", "s2"}
+
+
+def test_the_slower_server_takes_keys_only_while_every_faster_one_is_overloaded():
+    reg = _slow_fleet(2)
+    fast = reg.servers["s0"]
+    fast.running, fast.queued = 4, 2  # out of slots and over its share
+    assert _homes(reg) == {"s1"}
+    fast.running, fast.queued = 3, 0  # a free slot again
+    assert _homes(reg) == {"s0"}
+
+
 # --- client reports: bounded, whoever sends them (issue 12, item 2) ---------------------
 
 
