@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,21 @@ import click
 from . import __version__, states
 from .apiclient import ApiError, DaemonUnreachable, call
 from .config import Config, ConfigError, load_config
+from .display import (
+    GAP,
+    RESTART_WINDOW_S,
+    Column,
+    dropped_note,
+    error_cell,
+    error_time,
+    event_text,
+    fit,
+    latency_cell,
+    one_line,
+    output_width,
+    restarts_since,
+    seconds,
+)
 from .errors import ModelServerdError
 
 EXIT_CONFIG = 4
@@ -81,31 +97,48 @@ STATE_COLOURS = {
 
 
 def print_table(
-    headers: Sequence[str], rows: Sequence[Sequence[Any]], colour_column: int | None = None
+    columns: Sequence[Column | str],
+    rows: Sequence[Sequence[Any]],
+    colour_column: int | None = None,
 ) -> None:
-    """Plain aligned columns; colour only on a terminal, so pipes get clean text."""
-    text_rows = [["" if v is None else str(v) for v in row] for row in rows]
-    widths = [
-        max(len(h), *(len(r[i]) for r in text_rows)) if text_rows else len(h)
-        for i, h in enumerate(headers)
-    ]
-    header = "  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=False))
-    click.echo(header.rstrip())
+    """Aligned columns fitted to the terminal (see :func:`display.fit`): free text
+    is cut at a word with ``…``, then the least important columns are left out and
+    a line under the table says which. Colour only on a terminal, so pipes get
+    clean text; a pipe also gets whole rows unless ``$COLUMNS`` is set."""
+    cols = [c if isinstance(c, Column) else Column(c.upper()) for c in columns]
+    cells = [[one_line(v) for v in row] for row in rows]
+    layout = fit(cols, cells, output_width(sys.stdout))
+    click.echo(layout.line(layout.cells(cols, [c.header for c in cols])))
     use_colour = _colour()
-    for row in text_rows:
-        cells = []
-        for i, (cell, w) in enumerate(zip(row, widths, strict=False)):
-            padded = cell.ljust(w)
-            if use_colour and i == colour_column and cell in STATE_COLOURS:
-                padded = click.style(padded, fg=STATE_COLOURS[cell])
-            cells.append(padded)
-        click.echo("  ".join(cells).rstrip())
+    shown = (
+        layout.shown.index(colour_column)
+        if colour_column is not None and colour_column in layout.shown
+        else None
+    )
+    for row in cells:
+        parts = layout.cells(cols, row)
+        line = layout.line(parts)
+        if (
+            use_colour
+            and shown is not None
+            and colour_column is not None
+            and row[colour_column] in STATE_COLOURS
+        ):
+            start = sum(len(p) + GAP for p in parts[:shown])
+            if start < len(line):
+                end = min(len(line), start + len(parts[shown]))
+                colour = STATE_COLOURS[row[colour_column]]
+                line = line[:start] + click.style(line[start:end], fg=colour) + line[end:]
+        click.echo(line)
+    note = dropped_note(layout)
+    if note:
+        click.echo(note)
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
+def _duration(value: float | None) -> str:
+    if value is None:
         return "-"
-    seconds = int(seconds)
+    seconds = int(value)
     if seconds < 60:
         return f"{seconds}s"
     if seconds < 3600:
@@ -113,10 +146,6 @@ def _duration(seconds: float | None) -> str:
     if seconds < 86400:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
-
-
-def _latency(value: float | None) -> str:
-    return "-" if value is None else f"{value * 1000:.0f}ms" if value < 10 else f"{value:.1f}s"
 
 
 def _parse_since(text: str) -> float:
@@ -138,6 +167,7 @@ def cli(ctx: click.Context) -> None:
 
     Example:
 
+    \b
         modelserverd check-config --config /etc/modelserverd/config.toml
         modelserverd status
     """
@@ -157,6 +187,7 @@ def run(config_path: str | None, log_level: str) -> None:
 
     Example:
 
+    \b
         modelserverd run --config /etc/modelserverd/config.toml
     """
     import faulthandler
@@ -200,7 +231,9 @@ def check_config(config_path: str | None, as_json: bool) -> None:
 
     Example:
 
+    \b
         modelserverd check-config --config /etc/modelserverd/config.toml
+        modelserverd check-config --json | jq '.servers[].argv'
     """
     from .launcher import allocate_nccl_ports, build_launch
 
@@ -246,14 +279,14 @@ def check_config(config_path: str | None, as_json: bool) -> None:
     for server in config.servers:
         if server.name not in launches:
             why = "not managed (managed = false)" if server.local else "on another host"
-            click.echo(f"\n{server.name}  {server.url}  {server.model_size}: probed only, {why}")
+            click.echo(f"{server.name}  {server.url}  {server.model_size}: probed only, {why}")
             continue
         spec = launches[server.name]
-        click.echo(f"\n{server.name}  {server.url}  {server.model_size}  GPUs {list(server.gpus)}")
+        click.echo(f"{server.name}  {server.url}  {server.model_size}  GPUs {list(server.gpus)}")
         click.echo("  env:  " + " ".join(f"{k}={v}" for k, v in spec.env.items()))
         click.echo("  argv: " + json.dumps(list(spec.argv)))
         click.echo("  as a shell line: " + spec.shell_line())
-    click.echo("\n(--nccl-port values are picked free at each launch.)")
+    click.echo("(--nccl-port values are picked free at each launch.)")
 
 
 def _gateway_line(gw: dict) -> str:
@@ -299,17 +332,43 @@ def _writer_line(writer: Any) -> str | None:
     return "state database: " + "; ".join(parts)
 
 
+STATUS_COLUMNS = {
+    # drop: which columns go first when the rows are wider than the terminal.
+    "name": Column("NAME"),
+    "size": Column("SIZE", drop=4),
+    "where": Column("WHERE", drop=8),
+    "gpus": Column("GPUS", drop=7),
+    "state": Column("STATE"),
+    "pid": Column("PID", drop=6),
+    "uptime": Column("UPTIME", drop=2),
+    "version": Column("VERSION", drop=9),
+    "latency": Column("LATENCY_S"),
+    "load": Column("LOAD", drop=3),
+    "gateway": Column("GATEWAY", drop=5),
+    "restarts": Column("RESTARTS_24H", drop=1),
+    "error": Column("LAST_ERROR", flex=True, min_width=24),
+}
+
+
 @cli.command()
 @config_option
 @json_option
 def status(config_path: str | None, as_json: bool) -> None:
-    """One row per server: state, pid, uptime, SGLang version, latency, load (running
-    +queued/capacity, from SGLang's scheduler), restarts in 24 h. A line under the
-    daemon's says so when the state database cannot be written or latency samples
-    were dropped.
+    """One row per server: state, pid, uptime, SGLang version, latency, load
+    (running+queued/capacity, from SGLang's scheduler), restarts in the last 24 hours,
+    last error.
+
+    LATENCY_S is the current estimate in seconds while the server is ready or
+    unhealthy, "-" in any other state. LAST_ERROR starts with its age ("12m ago:")
+    when a restart dates it; a ready server shows an error only then. Rows are cut
+    to the terminal's width ($COLUMNS): the least important columns are left out
+    and cut text ends in "…"; --json has everything. A line under the daemon's
+    says so when the state database cannot be written or latency samples were
+    dropped.
 
     Example:
 
+    \b
         modelserverd status
         modelserverd status --json | jq '.servers[] | {name, state}'
     """
@@ -317,13 +376,8 @@ def status(config_path: str | None, as_json: bool) -> None:
     info = _api(config, "GET", "/v1/status")
     servers = _api(config, "GET", "/v1/servers")["servers"]
     restarts = _api(config, "GET", "/v1/restarts?limit=1000")["restarts"]
-    from .store import parse_iso
-
-    day_ago = time.time() - 86400
-    recent: dict[str, int] = {}
-    for row in restarts:
-        if parse_iso(row["ts"]) >= day_ago:
-            recent[row["server"]] = recent.get(row["server"], 0) + 1
+    now = time.time()
+    recent = restarts_since(restarts, now - RESTART_WINDOW_S)
     if as_json:
         for s in servers:
             s["restarts_24h"] = recent.get(s["name"], 0)
@@ -343,45 +397,26 @@ def status(config_path: str | None, as_json: bool) -> None:
     gateway = info.get("gateway")
     for gw in (gateway or {}).get("gateways", []):
         click.echo(_gateway_line(gw))
+    keys = [k for k in STATUS_COLUMNS if k != "gateway" or gateway]
     rows = []
     for s in servers:
-        where = ("local" if s["local"] else "remote") + f" {s['ip']}:{s['port']}"
-        rows.append(
-            [
-                s["name"],
-                s["model_size"],
-                where,
-                ",".join(map(str, s["gpus"])) or "-",
-                s["state"],
-                s.get("pid") or "-",
-                _duration(s.get("uptime_s")),
-                s.get("sglang_version") or "-",
-                _latency(s.get("latency_s")),
-                _load_cell(s),
-                *([s.get("gateway") or "-"] if gateway else []),
-                recent.get(s["name"], 0),
-                (s.get("last_error") or "")[:60],
-            ]
-        )
-    print_table(
-        [
-            "name",
-            "size",
-            "where",
-            "gpus",
-            "state",
-            "pid",
-            "uptime",
-            "version",
-            "latency",
-            "load",
-            *(["gateway"] if gateway else []),
-            "restarts24h",
-            "last error",
-        ],
-        rows,
-        colour_column=4,
-    )
+        cells = {
+            "name": s["name"],
+            "size": s["model_size"],
+            "where": ("local" if s["local"] else "remote") + f" {s['ip']}:{s['port']}",
+            "gpus": ",".join(map(str, s["gpus"])) or "-",
+            "state": s["state"],
+            "pid": s.get("pid"),
+            "uptime": _duration(s.get("uptime_s")),
+            "version": s.get("sglang_version"),
+            "latency": latency_cell(s),
+            "load": _load_cell(s),
+            "gateway": s.get("gateway"),
+            "restarts": recent.get(s["name"], 0),
+            "error": error_cell(s, error_time(s["name"], s.get("last_error"), restarts), now),
+        }
+        rows.append([cells[k] for k in keys])
+    print_table([STATUS_COLUMNS[k] for k in keys], rows, colour_column=keys.index("state"))
 
 
 @cli.command()
@@ -392,6 +427,7 @@ def gpus(config_path: str | None, as_json: bool) -> None:
 
     Example:
 
+    \b
         modelserverd gpus
     """
     from .gpus import open_gpu_view
@@ -433,7 +469,15 @@ def gpus(config_path: str | None, as_json: bool) -> None:
         )
         return
     print_table(
-        ["gpu", "name", "total", "used", "free", "free?", "processes"],
+        [
+            Column("GPU"),
+            Column("NAME", flex=True, min_width=12),
+            Column("TOTAL"),
+            Column("USED"),
+            Column("FREE"),
+            Column("FREE?"),
+            Column("PROCESSES", flex=True, min_width=12),
+        ],
         [
             [
                 g.index,
@@ -449,6 +493,90 @@ def gpus(config_path: str | None, as_json: bool) -> None:
     )
 
 
+RESTART_COLUMNS = [
+    Column("TIME"),
+    Column("SERVER"),
+    Column("REASON"),
+    Column("ATTEMPT", drop=4),
+    Column("BACKOFF_S", drop=2),
+    Column("OLD_PID", drop=5),
+    Column("NEW_PID", drop=3),
+    Column("EXIT", drop=1),
+    Column("SIGNAL", drop=6),
+    Column("MESSAGE", flex=True, min_width=24),
+]
+EVENT_COLUMNS = [
+    Column("TIME"),
+    Column("SERVER"),
+    Column("KIND", drop=1),
+    Column("FROM", drop=2),
+    Column("TO"),
+    Column("MESSAGE", flex=True, min_width=24),
+]
+
+
+class _NoHistory(Exception):
+    """The history cannot be read from the file or from the daemon; the message says why."""
+
+
+def _read_history(
+    config: Config, server: str | None, cutoff: str, limit: int
+) -> tuple[dict[str, Any], str | None]:
+    """The history since ``cutoff`` (ISO text), and a note when it is not whole.
+
+    From state.db, read-only: any user who may read the file, none needs to write
+    its folder. Else the restarts come from the daemon, which answers whoever may
+    use its socket (it serves no events)."""
+    from .store import StoreError, parse_iso, read_history
+
+    db = config.daemon.state_db
+    try:
+        data = read_history(db, server=server, since=parse_iso(cutoff), limit=limit)
+    except StoreError as exc:
+        why = _unreadable(db, exc)
+    else:
+        _check_known(config, server, data["servers"], db)
+        return data, None
+    query = f"/v1/restarts?limit={min(limit, 1000)}"
+    if server is not None:
+        query += f"&server={urllib.parse.quote(server)}"
+    try:
+        rows = call(config.daemon.socket, "GET", query)["restarts"]
+    except DaemonUnreachable as exc:
+        raise _NoHistory(f"{why}; and {exc}") from None
+    except ApiError as exc:
+        if exc.status == 404 and server is not None:
+            _check_known(config, server, [], db)
+        raise _NoHistory(f"{why}; and the daemon answered: {exc}") from None
+    restarts = [r for r in rows if str(r.get("ts", "")) >= cutoff]
+    note = f"{why}: the restarts come from the daemon, which serves no events"
+    return {"restarts": restarts, "events": []}, note
+
+
+def _unreadable(db: str, exc: Exception) -> str:
+    """Why state.db could not be read, in the operator's terms."""
+    parent = Path(db).parent
+    if os.path.isdir(parent) and not os.access(parent, os.X_OK):
+        return f"{parent} is closed to uid {os.geteuid()}, so {Path(db).name} cannot be read"
+    if not os.path.exists(db):
+        return f"no state database at {db} yet (the daemon creates it)"
+    return str(exc)
+
+
+def _check_known(config: Config, server: str | None, historic: Sequence[str], db: str) -> None:
+    """An unknown ``--server`` is a typo until shown otherwise: say which names exist."""
+    names = {s.name for s in config.servers}
+    if server is None or server in names or server in historic:
+        return
+    known = ", ".join(sorted(names | set(historic))) or "none"
+    click.echo(
+        f"modelserverd: no server named {server} in {config.path} or in the history "
+        f"of {db}; known: {known}",
+        err=True,
+    )
+    sys.exit(2)
+
+
 @cli.command()
 @config_option
 @json_option
@@ -458,75 +586,82 @@ def gpus(config_path: str | None, as_json: bool) -> None:
 def history(
     config_path: str | None, as_json: bool, server: str | None, since: str, limit: int
 ) -> None:
-    """Restarts and state changes, newest first (read from the state database).
+    """Restarts and events (state changes, reloads), newest first.
+
+    Read from the state database, read-only, so any user who may read the file
+    can run it; otherwise the restarts come from the daemon. Messages are cut at
+    a word to fit the terminal ($COLUMNS); --json has them whole.
 
     Example:
 
+    \b
         modelserverd history --server llama8b-a --since 7d
+        modelserverd history --json | jq '.restarts[] | select(.reason == "crash")'
     """
-    from .store import Store
+    from .store import iso_utc
 
     config = _load(config_path)
-    cutoff = _parse_since(since)
-    db_path = config.daemon.state_db
-    if not Path(db_path).exists():
-        click.echo(
-            f"modelserverd: no state database at {db_path} yet (the daemon creates it)", err=True
-        )
+    cutoff = iso_utc(_parse_since(since))
+    try:
+        data, note = _read_history(config, server, cutoff, limit)
+    except _NoHistory as exc:
+        click.echo(f"modelserverd: cannot read the history: {exc}", err=True)
         sys.exit(1)
-    store = Store(db_path)
-    restarts = store.restarts(server=server, limit=limit, since=cutoff)
-    events = store.events(server=server, limit=limit, since=cutoff)
-    store.close()
+    if note:
+        click.echo(f"modelserverd: {note}", err=True)
     if as_json:
-        click.echo(json.dumps({"restarts": restarts, "events": events}, indent=2))
+        click.echo(
+            json.dumps(
+                {"since": cutoff, "restarts": data["restarts"], "events": data["events"]},
+                indent=2,
+            )
+        )
         return
-    click.echo(f"Restarts since {since} ago:")
-    print_table(
-        [
-            "time",
-            "server",
-            "reason",
-            "attempt",
-            "backoff",
-            "old pid",
-            "new pid",
-            "exit",
-            "signal",
-            "message",
-        ],
-        [
+    window = f"{cutoff[:19]}Z ({since} ago)" + (f" for {server}" if server else "")
+    restarts, events = data["restarts"], data["events"]
+    if restarts:
+        click.echo(f"Restarts since {window}:")
+        print_table(
+            RESTART_COLUMNS,
             [
-                r["ts"],
-                r["server"],
-                r["reason"],
-                r["attempt"],
-                "-" if r["backoff_s"] is None else f"{r['backoff_s']:.2f}s",
-                r["old_pid"],
-                r["new_pid"],
-                r["exit_code"],
-                r["signal"],
-                (r["message"] or "")[:60],
-            ]
-            for r in restarts
-        ],
-    )
-    click.echo(f"\nState changes since {since} ago:")
-    print_table(
-        ["time", "server", "kind", "from", "to", "message"],
-        [
+                [
+                    r["ts"],
+                    r["server"],
+                    r["reason"],
+                    r["attempt"],
+                    seconds(r["backoff_s"]),
+                    r["old_pid"],
+                    r["new_pid"],
+                    r["exit_code"],
+                    r["signal"],
+                    r["message"],
+                ]
+                for r in restarts
+            ],
+        )
+    else:
+        click.echo(f"No restarts since {window}.")
+    if note:
+        return
+    if events:
+        click.echo(f"\nEvents since {window}:")
+        print_table(
+            EVENT_COLUMNS,
             [
-                e["ts"],
-                e["server"] or "(daemon)",
-                e["kind"],
-                e["old_state"],
-                e["new_state"],
-                (e["message"] or "")[:70],
-            ]
-            for e in events
-        ],
-        colour_column=4,
-    )
+                [
+                    e["ts"],
+                    e["server"] or "(daemon)",
+                    e["kind"],
+                    e["old_state"],
+                    e["new_state"],
+                    event_text(e["kind"], e["message"]),
+                ]
+                for e in events
+            ],
+            colour_column=4,
+        )
+    else:
+        click.echo(f"\nNo events since {window}.")
 
 
 @cli.command()
@@ -539,7 +674,9 @@ def logs(config_path: str | None, name: str, follow: bool, lines: int) -> None:
 
     Example:
 
+    \b
         modelserverd logs llama8b-a -f
+        modelserverd logs llama8b-a -n 500 | grep -i error
     """
     config = _load(config_path)
     if config.server(name) is None:
@@ -550,13 +687,23 @@ def logs(config_path: str | None, name: str, follow: bool, lines: int) -> None:
         )
         sys.exit(2)
     path = Path(config.daemon.log_dir) / f"{name}.log"
-    if not path.exists():
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed by the with below
+    except FileNotFoundError:
         click.echo(
             f"modelserverd: no log yet at {path} (the server has not been launched by this host)",
             err=True,
         )
         sys.exit(1)
-    with open(path, "rb") as f:
+    except OSError as exc:
+        click.echo(
+            f"modelserverd: cannot read {path}: {exc.strerror or exc} (uid {os.geteuid()}); "
+            "server logs hold prompts, so only the daemon's user and group may read them: "
+            "run as root or as a member of that group",
+            err=True,
+        )
+        sys.exit(1)
+    with f:
         tail = f.read().splitlines()[-lines:] if lines else []
         for line in tail:
             click.echo(line.decode(errors="replace"))
@@ -565,28 +712,41 @@ def logs(config_path: str | None, name: str, follow: bool, lines: int) -> None:
             if chunk:
                 click.echo(chunk.decode(errors="replace"), nl=False)
             else:
-                if f.tell() > path.stat().st_size:  # rotated (copy-truncate)
-                    f.seek(0)
+                try:
+                    if f.tell() > path.stat().st_size:  # rotated (copy-truncate)
+                        f.seek(0)
+                except OSError:
+                    pass  # moved away: keep reading what is open until it comes back
                 time.sleep(0.25)
+
+
+def _request(
+    config: Config, action: str, names: Sequence[str], as_json: bool, quiet: bool = False
+) -> list[dict]:
+    """Send ``action`` for each server; returns each server object as it was before
+    (``None`` for one that needed nothing) and prints what was asked (nothing when
+    ``quiet``)."""
+    results, befores = [], []
+    for name in names:
+        before = _api(config, "GET", f"/v1/servers/{name}")
+        if action == "stop" and before.get("state") == "stopped":
+            results.append({"server": name, "requested": None, "state": "stopped"})
+            befores.append(None)
+            if not as_json and not quiet:
+                click.echo(f"{name}: already stopped")
+            continue
+        results.append(_api(config, "POST", f"/v1/servers/{name}/{action}"))
+        befores.append(before)
+        if not as_json and not quiet:
+            click.echo(f"{name}: {action} requested")
+    if as_json and not quiet:
+        click.echo(json.dumps(results[0] if len(results) == 1 else results))
+    return befores
 
 
 def _admin(action: str) -> Callable[..., None]:
     def command(config_path: str | None, names: tuple[str, ...], as_json: bool) -> None:
-        config = _load(config_path)
-        results = []
-        for name in names:
-            before = _api(config, "GET", f"/v1/servers/{name}")
-            if action == "stop" and before.get("state") == "stopped":
-                results.append({"server": name, "requested": None, "state": "stopped"})
-                if not as_json:
-                    click.echo(f"{name}: already stopped")
-                continue
-            result = _api(config, "POST", f"/v1/servers/{name}/{action}")
-            results.append(result)
-            if not as_json:
-                click.echo(f"{name}: {action} requested")
-        if as_json:
-            click.echo(json.dumps(results[0] if len(results) == 1 else results))
+        _request(_load(config_path), action, names, as_json)
 
     command.__doc__ = (
         f"Ask the daemon to {action} local servers (admin only).\n\n"
@@ -597,8 +757,199 @@ def _admin(action: str) -> Callable[..., None]:
 
 
 _names_argument = click.argument("names", nargs=-1, required=True)
-for _action in ("restart", "stop", "start"):
+for _action in ("stop", "start"):
     cli.command(_action)(config_option(json_option(_names_argument(_admin(_action)))))
+
+
+@cli.command()
+@config_option
+@json_option
+@_names_argument
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Show each server's states until it is ready again; exit 1 with its error if it fails.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds --wait waits (default: the config's stop_timeout_s + startup_timeout_s + 60).",
+)
+def restart(
+    config_path: str | None,
+    as_json: bool,
+    names: tuple[str, ...],
+    wait: bool,
+    timeout: float | None,
+) -> None:
+    """Ask the daemon to restart local servers (admin only).
+
+    With --wait, each server's states are shown as they change, one line per
+    server, until it is ready again ("a: stopping → starting → ready (12.3 s)");
+    a server that fails instead (backoff, fatal) ends the wait with its error,
+    which names its exit code, and exit status 1.
+
+    Example:
+
+    \b
+        modelserverd restart llama8b-a
+        modelserverd restart llama8b-a llama8b-b --wait
+    """
+    config = _load(config_path)
+    befores = _request(config, "restart", names, as_json, quiet=as_json and wait)
+    if not wait:
+        return
+    if timeout is None:
+        timeout = config.daemon.stop_timeout_s + config.daemon.startup_timeout_s + 60.0
+    watches = [_Watch(n, b) for n, b in zip(names, befores, strict=True) if b is not None]
+    try:
+        _watch_restarts(config, watches, timeout, quiet=as_json)
+    except KeyboardInterrupt:
+        click.echo("", err=True)
+        click.echo(
+            "modelserverd: stopped waiting; the restart goes on (see modelserverd status)",
+            err=True,
+        )
+        sys.exit(130)
+    if as_json:
+        click.echo(json.dumps([w.as_json() for w in watches]))
+    failed = [w for w in watches if not w.ok]
+    for w in failed:
+        click.echo(f"modelserverd: {w.why()}", err=True)
+    sys.exit(1 if failed else 0)
+
+
+WAIT_POLL_S = 0.2
+ARROW = "\u2192"
+# A restart that reaches one of these instead of ready has failed (or was undone).
+WAIT_FAILED = (states.BACKOFF, states.FATAL, states.STOPPED)
+
+
+class _Watch:
+    """One server watched after a restart request: the states it passed through,
+    and how it ended (``ok`` None while it goes on)."""
+
+    def __init__(self, name: str, before: dict):
+        self.name, self.before = name, before
+        self.began = time.monotonic()
+        self.states: list[str] = []
+        self.last: dict = before
+        self.ok: bool | None = None
+        self.elapsed_s = 0.0
+        self.moved = False
+
+    def see(self, server: dict) -> None:
+        """Take one answer of ``GET /v1/servers/NAME``."""
+        self.last = server
+        b = self.before
+        new_run = server.get("started_at") != b.get("started_at") or server.get("pid") != b.get(
+            "pid"
+        )
+        self.moved = self.moved or new_run or server.get("state") != b.get("state")
+        if not self.moved:
+            return  # the request has not been acted on yet
+        state = server.get("state", "?")
+        if not self.states or self.states[-1] != state:
+            self.states.append(state)
+        self.elapsed_s = time.monotonic() - self.began
+        if state == states.READY and new_run:
+            self.ok = True
+        elif state in WAIT_FAILED:
+            self.ok = False
+
+    def line_end(self) -> str:
+        return f" ({self.elapsed_s:.1f} s)"
+
+    def why(self) -> str:
+        error = self.last.get("last_error") or "no error recorded"
+        state = self.last.get("state")
+        if self.ok is None:
+            return (
+                f"{self.name} is still {state} after {self.elapsed_s:.0f} s; the daemon goes "
+                "on (modelserverd status)"
+            )
+        if state == states.BACKOFF:
+            then = "the daemon relaunches it after its backoff"
+        elif state == states.FATAL:
+            then = f"it stays down: fix the cause, then modelserverd start {self.name}"
+        else:
+            then = "it was stopped meanwhile"
+        return (
+            f"{self.name} did not come back ({state}): {one_line(error)}; {then} "
+            f"(modelserverd logs {self.name}; modelserverd history --server {self.name})"
+        )
+
+    def as_json(self) -> dict:
+        return {
+            "server": self.name,
+            "ready": bool(self.ok),
+            "state": self.last.get("state"),
+            "states": self.states,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "last_error": None if self.ok else self.last.get("last_error"),
+        }
+
+
+def _watch_restarts(config: Config, watches: list[_Watch], timeout: float, quiet: bool) -> None:
+    """Poll the servers until each is ready again, has failed, or ``timeout`` passes.
+
+    States print as they come, one line per server in the order given; a later
+    server's states wait (nothing is lost) until the line above it is finished."""
+    printer = _StateLines(watches, quiet)
+    deadline = time.monotonic() + timeout
+    while True:
+        for w in watches:
+            if w.ok is None:
+                w.see(_api(config, "GET", f"/v1/servers/{w.name}"))
+        printer.show()
+        if all(w.ok is not None for w in watches) or time.monotonic() >= deadline:
+            break
+        time.sleep(WAIT_POLL_S)
+    for w in watches:
+        if w.ok is None:
+            w.elapsed_s = time.monotonic() - w.began
+    printer.show(final=True)
+
+
+class _StateLines:
+    """``name: stopping → starting → ready (12.3 s)``, written a state at a time."""
+
+    def __init__(self, watches: list[_Watch], quiet: bool):
+        self.watches, self.quiet = watches, quiet
+        self.current = 0
+        self.printed = 0  # states of the current line already written
+
+    def show(self, final: bool = False) -> None:
+        if self.quiet:
+            return
+        while self.current < len(self.watches):
+            w = self.watches[self.current]
+            for state in w.states[self.printed :]:
+                click.echo(
+                    f"{w.name}: {state}" if self.printed == 0 else f" \u2192 {state}", nl=False
+                )
+                self.printed += 1
+            if w.ok is None and not final:
+                break
+            if self.printed == 0:
+                click.echo(f"{w.name}: {w.last.get('state')}", nl=False)
+            click.echo(w.line_end() if w.ok is not None else " (still waiting)")
+            self.current += 1
+            self.printed = 0
+        sys.stdout.flush()
+
+
+def _socket_of_refused(config_path: str | None) -> str:
+    """The daemon's socket named by a config file that does not validate: its
+    ``[daemon].socket`` when the file is TOML with that string, else the default."""
+    from .config import DaemonConfig, resolve_config_path, tomllib
+
+    try:
+        raw = tomllib.loads(Path(resolve_config_path(config_path)).read_text(encoding="utf-8"))
+        socket = raw.get("daemon", {}).get("socket")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        socket = None
+    return socket if isinstance(socket, str) and socket else DaemonConfig().socket
 
 
 @cli.command()
@@ -607,12 +958,39 @@ for _action in ("restart", "stop", "start"):
 def reload(config_path: str | None, as_json: bool) -> None:
     """Re-read the config and apply it by difference (same as SIGHUP).
 
+    A config with problems is still sent to the daemon: it refuses it, keeps the
+    running one, and records the refusal (modelserverd history shows it).
+
     Example:
 
+    \b
         modelserverd reload
+        modelserverd check-config && modelserverd reload
     """
-    config = _load(config_path)
-    result = _api(config, "POST", "/v1/reload")
+    try:
+        socket = load_config(config_path).daemon.socket
+    except ConfigError as exc:
+        socket, problems = _socket_of_refused(config_path), exc.problems
+    else:
+        problems = []
+    try:
+        result = call(socket, "POST", "/v1/reload")
+    except DaemonUnreachable as exc:
+        if problems:
+            _load(config_path)  # prints the problems, exits EXIT_CONFIG
+        click.echo(f"modelserverd: {exc}", err=True)
+        sys.exit(EXIT_UNREACHABLE)
+    except ApiError as exc:
+        if exc.code != "bad_config":
+            click.echo(f"modelserverd: {exc} ({exc.code})", err=True)
+            sys.exit(1)
+        click.echo(
+            "modelserverd: the daemon refused the new config; the running one stays in force "
+            "(modelserverd history shows the refusal):",
+            err=True,
+        )
+        click.echo("\n".join(problems) if problems else str(exc), err=True)
+        sys.exit(EXIT_CONFIG)
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -656,11 +1034,17 @@ def demo(workdir: str, keep_running: bool, stop: bool) -> None:
 
 
 def main() -> None:
+    """Entry point. An expected failure the commands did not turn into a message
+    themselves (a state database that cannot be read, say) still ends in one line
+    and exit status 1, never a traceback."""
     try:
         cli(prog_name="modelserverd")
     except ConfigError as exc:  # pragma: no cover - _load handles the usual paths
         click.echo(str(exc), err=True)
         sys.exit(EXIT_CONFIG)
+    except ModelServerdError as exc:
+        click.echo(f"modelserverd: {exc}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

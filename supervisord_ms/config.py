@@ -10,6 +10,14 @@ edit instead of one restart per typo.
 Some settings are legal but weaken what the daemon can see; those become
 warnings (:attr:`Config.warnings`, same "file: key: ..." form), which
 ``check-config`` prints and the daemon logs, and the config is still used.
+
+Relative paths are read from the config file's folder, never from the current
+directory (which is "/" under systemd and anything in a shell): the ``[daemon]``
+paths, a ``file:`` gpu_backend, ``[sglang].python`` when it names a file (it has a
+"/"; a bare name such as "python3" is looked up on PATH, as a shell does) and
+``model_path`` (see :func:`resolve_model_path`: it may also be a Hugging Face repo
+id). A leading "~" is the daemon user's home. What this host can or cannot run
+(the interpreter, the module, the GPUs) is checked by :mod:`hostcheck`.
 """
 
 from __future__ import annotations
@@ -456,6 +464,49 @@ def _resolve_path(base: Path, value: str) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
+def _join(base: Path, value: str) -> str:
+    """``value`` read from ``base`` when relative, "~" expanded; an absolute value is
+    kept as written. Symlinks are not resolved: a venv's ``bin/python`` is a link to
+    the system interpreter and only works under its own name, and a model folder's
+    path is the name SGLang serves the model under."""
+    expanded = os.path.expanduser(value)
+    if os.path.isabs(expanded):
+        return expanded
+    return os.path.normpath(os.path.join(base, expanded))
+
+
+# A Hugging Face repo id, as SGLang's --model-path also takes it ("owner/name"; the
+# Hub's names are letters, digits, "-", "_" and "."): fetched from the Hub or found
+# in its cache by SGLang, so there is nothing on this host to check.
+HF_REPO_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+_PATH_PREFIXES = ("/", "~", "./", "../")
+
+
+def resolve_model_path(base: Path, value: str) -> tuple[str, bool]:
+    """What to launch with for ``model_path``, and whether it is a path on this host.
+
+    A path: a value that starts with "/", "~", "./" or "../" (or is "." or ".."),
+    or one that names something that exists in the config file's folder; relative
+    paths are read from that folder (issue 13, item 4). Anything else is passed to
+    SGLang as written: a Hugging Face repo id such as
+    "meta-llama/Llama-3.1-8B-Instruct". Write "./models/x" to make a relative
+    folder a path whether or not it exists yet."""
+    if value in (".", "..") or value.startswith(_PATH_PREFIXES):
+        return _join(base, value), True
+    joined = _join(base, value)
+    if os.path.lexists(joined):
+        return joined, True
+    return value, False
+
+
+def _resolve_python(base: Path, value: str) -> str:
+    """``[sglang].python``: a file when it holds a "/" (read from the config's folder
+    when relative) or starts with "~"; a bare name is looked up on PATH at launch."""
+    if "/" in value or value.startswith("~"):
+        return _join(base, value)
+    return value
+
+
 def _freeze(values: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
@@ -499,6 +550,9 @@ def parse_config(
     backend = daemon_values.get("gpu_backend")
     if isinstance(backend, str) and backend.startswith("file:"):
         daemon_values["gpu_backend"] = "file:" + _resolve_path(base, backend[5:])
+    sglang_values = sections.get("sglang", {})
+    if "python" in sglang_values:
+        sglang_values["python"] = _resolve_python(base, sglang_values["python"])
     restart_values = sections.get("restart", {})
     if restart_values.get("backoff_initial_s", 1.0) > restart_values.get("backoff_max_s", 300.0):
         problems.add(
@@ -508,7 +562,7 @@ def parse_config(
         )
 
     addresses = set(host_addresses) if host_addresses is not None else None
-    indexed = _check_servers(problems, raw.get("servers", []), addresses)
+    indexed = _check_servers(problems, raw.get("servers", []), addresses, base)
     health_timeout_s: float | None = daemon_values.get(
         "health_timeout_s", DaemonConfig.health_timeout_s
     )
@@ -677,7 +731,7 @@ def _check_sglang_health(
 
 
 def _check_servers(
-    problems: _Problems, raw_servers: Any, addresses: set[str] | None
+    problems: _Problems, raw_servers: Any, addresses: set[str] | None, base: Path
 ) -> list[tuple[int, ServerConfig]]:
     """The valid servers, each with its index in the file (for messages)."""
     if not isinstance(raw_servers, list) or not all(isinstance(s, dict) for s in raw_servers):
@@ -717,6 +771,8 @@ def _check_servers(
         if len(values) != len(table) or missing:
             continue
         values["name"] = name
+        written = values["model_path"]
+        values["model_path"], is_path = resolve_model_path(base, written)
         local = addresses is not None and values["ip"] in addresses
         server = ServerConfig(local=local, **_freeze(values))
         if server.is_managed:
@@ -732,13 +788,33 @@ def _check_servers(
                         "expected each GPU to belong to one local server"
                     )
                 gpu_owner.setdefault(gpu, i)
-            if not Path(server.model_path).exists():
-                problems.add(
-                    f'{prefix}.model_path: got "{server.model_path}", which does not exist '
-                    "on this host; expected the model's directory (or set managed = false)"
-                )
+            problem = _model_path_problem(written, server.model_path, is_path, base)
+            if problem:
+                problems.add(f"{prefix}.model_path: got {_show(written)}, {problem}")
         servers.append((i, server))
     return servers
+
+
+def _model_path_problem(written: str, resolved: str, is_path: bool, base: Path) -> str | None:
+    """What is wrong with the ``model_path`` of a server this host launches, if anything."""
+    if not is_path:
+        if HF_REPO_ID.fullmatch(written):
+            return None  # a Hugging Face repo id: SGLang fetches it
+        return (
+            f"which is neither a file or folder in the config file's folder ({base}, where "
+            "relative paths are read from) nor a Hugging Face repo id; expected the model's "
+            'directory (e.g. "/models/Meta-Llama-3.1-8B-Instruct" or "./models/x"), a repo '
+            'id "owner/name", or managed = false'
+        )
+    if os.path.exists(resolved):
+        return None
+    where = "" if resolved == written else f" (read as {resolved}"
+    if where and not os.path.isabs(os.path.expanduser(written)):
+        where += f": relative paths are read from the config file's folder {base}"
+    return (
+        f"which does not exist on this host{where + ')' if where else ''}; expected the "
+        "model's directory (or set managed = false)"
+    )
 
 
 def load_config(

@@ -21,9 +21,11 @@ import aiohttp
 from . import __version__, states
 from .api import ApiContext, build_app, serve_unix
 from .config import Config, ConfigError, load_config, server_fields_changed
+from .display import reload_summary
 from .gateway import GatewaySync, WorkerSpec
 from .gpus import GpuError, GpuView, open_gpu_view
 from .hostaddrs import host_addresses
+from .hostcheck import check_host
 from .launcher import rotate_log
 from .notify import Notifier
 from .prober import Prober
@@ -79,17 +81,21 @@ class _GpuSource:
         self.view = None
 
 
-def load_daemon_config(path: str | os.PathLike[str] | None) -> Config:
-    """Load the config as the daemon sees it: servers on this host's addresses are local."""
+def load_daemon_config(path: str | os.PathLike[str] | None, *, on_host: bool = True) -> Config:
+    """Load the config as the daemon sees it: servers on this host's addresses are
+    local. ``on_host``: also check it against this host (:mod:`hostcheck`: the
+    interpreter finds the module, the GPU indexes exist), as the daemon's start, its
+    reloads and ``check-config`` do; a problem raises ConfigError like one in the file."""
     from .config import parse_config, resolve_config_path
 
     resolved = resolve_config_path(path)
     # The interface must be known before locality can be decided: read it first.
     first = load_config(resolved)
     addresses = host_addresses(first.daemon.interface)
-    return parse_config(
+    config = parse_config(
         Path(resolved).read_text(encoding="utf-8"), resolved, host_addresses=addresses
     )
+    return check_host(config) if on_host else config
 
 
 class Daemon:
@@ -402,6 +408,9 @@ class Daemon:
             self.notifier.reloading()
             try:
                 new = await asyncio.to_thread(load_daemon_config, self.config.path)
+            except ConfigError as exc:
+                self._reload_refused(exc)
+                raise
             finally:
                 self.notifier.ready(self.summary())
             for warning in new.warnings:
@@ -444,8 +453,25 @@ class Daemon:
                 "needs_daemon_restart": needs_restart,
             }
             log.info("config reloaded: %s", result)
-            self.writer.add_event(server=None, kind="reload", message=str(result))
+            self.writer.add_event(server=None, kind="reload", message=reload_summary(result))
             return result
+
+    def _reload_refused(self, exc: ConfigError) -> None:
+        """A refused reload changes nothing (issue 13, item 2): no server is stopped
+        or restarted, so a config whose launches cannot start never takes ready
+        servers down. The ``events`` row says so, with every problem."""
+        ready = sorted(
+            r.name
+            for r in self.registry.servers.values()
+            if r.config.is_managed and r.state == states.READY
+        )
+        kept = f"; ready servers keep running: {', '.join(ready)}" if ready else ""
+        self.writer.add_event(
+            server=None,
+            kind="reload_refused",
+            message=f"new config refused, the running one stays in force{kept}: "
+            + "; ".join(exc.problems),
+        )
 
 
 def _make_gateway(config: Config, writer: StoreWriter) -> GatewaySync | None:

@@ -562,6 +562,24 @@ def spawn(spec: LaunchSpec, log_path: str | Path) -> Spawned:
     return Spawned(popen=popen, owned=_identity(popen), cmdline=list(spec.argv))
 
 
+def append_log_note(log_path: str | Path, text: str) -> None:
+    """Append one line of the daemon's own to a server's log, in the form of the
+    launch line above (``=== <UTC time> modelserverd: <text>``), so that
+    ``modelserverd logs NAME`` shows why each launch ended next to what the server
+    printed (issue 13, item 3). Raises OSError; the caller decides what that means."""
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    line = " ".join(text.split())  # one line, whatever the message held
+    with open(log_path, "a+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        lead = b""
+        if end:  # after a last line of the server's that has no newline: on a line of its own
+            f.seek(end - 1)
+            lead = b"" if f.read(1) == b"\n" else b"\n"
+        f.write(lead + f"=== {stamp} modelserverd: {line}\n".encode(errors="replace"))
+
+
 def _identity(popen: subprocess.Popen[bytes]) -> OwnedProcess:
     """The start time of a child just started. It is our unreaped child, so its pid
     stays its own until we wait for it."""

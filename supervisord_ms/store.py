@@ -797,12 +797,13 @@ class StoreWriter:
     store) is dropped alone, logged, counted in :attr:`dropped` and reported in
     :attr:`error`; the rest of its batch is kept.
 
-    Restarts: the row is written when the restart is decided (with the reason,
-    attempt, backoff and the old process' exit), because the new process may not
-    exist for a long time (backoff, waiting for GPUs) or ever (fatal), and the
-    history must show the restart meanwhile. When the relaunch happens the
-    supervisor calls :meth:`set_restart_new_pid`, which fills ``new_pid`` into
-    that server's newest restart row. Both go through the history queue, so the
+    Restarts: the supervisor queues one row per relaunch when it makes the launch
+    (its ``ts`` is the time of the failure or request it answers, with the reason,
+    attempt, backoff and the old process' exit). A launch that could not start a
+    process is a row too, with ``new_pid`` NULL and the launch's error in
+    ``message`` (issue 13, item 3), so a crash loop of failing launches counts in
+    "restarts in the last 24 h". A writer that learns the new pid later can fill it
+    in with :meth:`set_restart_new_pid`; both go through the history queue, so the
     update lands after the insert.
     """
 
@@ -1429,3 +1430,65 @@ class StoreWriter:
                 conn.execute("ROLLBACK")
             raise
         return count
+
+
+# --------------------------------------------------------------------------
+# Reading without write access (`modelserverd history` run by any user)
+
+
+def read_history(
+    path: str | Path, *, server: str | None = None, since: float | None = None, limit: int = 100
+) -> dict[str, Any]:
+    """Restarts and events newest first, and every server name the file knows, read
+    through a read-only connection that creates and changes nothing.
+
+    :class:`Store` needs write access (it checks, creates and migrates); an operator
+    who may read state.db but not write its directory must still see the history.
+    While a writer has the file open its ``-wal`` and ``-shm`` files exist and a
+    read-only connection shares them. Without them a read-only connection would
+    have to create them (and, run as root, would leave root-owned files the
+    daemon's user cannot open), so the file is read as immutable: no writer is
+    there to change it. Returns ``{"restarts", "events", "servers"}``; raises
+    :class:`StoreError` with what to do.
+    """
+    p = Path(path).absolute()
+    if not os.access(p, os.R_OK):
+        raise StoreError(f"the state database {p} is not readable by uid {os.geteuid()}")
+    mode = "mode=ro" if Path(f"{p}-wal").exists() else "mode=ro&immutable=1"
+    try:
+        conn = sqlite3.connect(f"{p.as_uri()}?{mode}", uri=True, timeout=BUSY_TIMEOUT_S)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open the state database {p} to read: {exc}") from exc
+    where, params = [], []
+    if server is not None:
+        where.append("server = ?")
+        params.append(server)
+    if since is not None:
+        where.append("ts >= ?")
+        params.append(iso_utc(since))
+    clause = (" WHERE " + " AND ".join(where)) if where else ""
+
+    def rows(sql: str, args: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        cursor = conn.execute(sql, tuple(args))
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    try:
+        conn.execute("BEGIN")  # one snapshot for the three reads
+        recent = f"{clause} ORDER BY ts DESC, id DESC LIMIT ?"
+        result: dict[str, Any] = {
+            "restarts": rows(f"SELECT * FROM restarts{recent}", [*params, int(limit)]),
+            "events": rows(f"SELECT * FROM events{recent}", [*params, int(limit)]),
+            "servers": sorted(
+                r["name"]
+                for r in rows(
+                    "SELECT name FROM servers UNION SELECT server FROM restarts "
+                    "UNION SELECT server FROM events WHERE server IS NOT NULL"
+                )
+            ),
+        }
+    except sqlite3.Error as exc:
+        raise StoreError(f"reading the state database {p} failed: {exc}") from exc
+    finally:
+        conn.close()
+    return result

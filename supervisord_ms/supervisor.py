@@ -180,6 +180,7 @@ class ServerSupervisor:
         self._exit_poll: asyncio.Task[None] | None = None
         self.nccl_port: int | None = None
         self.last_pid: int | None = None  # the process the next launch replaces
+        self._launched_at: float | None = None  # monotonic; the current process's launch
         self._been_ready = False  # the current process has been ready at least once
         # Sockets on ip:port found to be held by the server's own process tree, and
         # what was found listening there that is not (issue 12, item 3).
@@ -330,13 +331,13 @@ class ServerSupervisor:
     async def _step(self, req: str | None) -> bool:
         """One turn of the state machine; True when the task is done (shutdown)."""
         if self._shutting_down:
-            await self._stop_process("daemon shutting down")
+            ran = await self._stop_process("daemon shutting down")
+            self._note_end(ran, "stopped: the daemon is shutting down")
             self.set_state(states.STOPPED, "daemon shut down")
             return True
         if req == "restart" and (self.owned is None or not self.owned.alive()):
             self.want_running = True
-            if self.pending is None:
-                self.pending = Failure(self._restart_reason, "restart requested")
+            self.pending = self._requested(self.pending)
         if req in ("start", "restart") and self.record.state == states.FATAL:
             self.history = self.history.reset()
             self.record.consecutive_failures = 0
@@ -345,7 +346,8 @@ class ServerSupervisor:
             else:
                 self.pending = Failure("manual", "started by request after fatal")
         if not self.want_running:
-            await self._stop_process("stop requested")
+            ran = await self._stop_process("stop requested")
+            self._note_end(ran, "stopped by request")
             self.set_state(states.STOPPED, "stopped by request" if req else "")
             await self._wake.wait()
             return False
@@ -375,10 +377,54 @@ class ServerSupervisor:
                     else "restart requested"
                 )
                 self.pending = Failure(self._restart_reason, why)
-                await self._stop_process(why)
+                ran = await self._stop_process(why)
+                self._note_end(ran, f"stopped: {why} ({self._restart_reason}); relaunching")
             return False
         await self._handle_failure(failure)
         return False
+
+    def _requested(self, pending: Failure | None) -> Failure:
+        """The failure a requested restart of a server with no live process answers.
+        The request's reason wins over a failure that waits out its backoff (the
+        relaunch happens now because of the request, e.g. a reload that fixed the
+        config); what that failure said is kept in the message."""
+        why = "config changed" if self._restart_reason == "config_change" else "restart requested"
+        if pending is None:
+            return Failure(self._restart_reason, why)
+        if pending.reason == self._restart_reason:
+            return pending
+        return Failure(
+            self._restart_reason,
+            f"{why} (after {pending.reason}: {pending.message})",
+            exit_code=pending.exit_code,
+            signal=pending.signal,
+        )
+
+    def _running_for(self) -> float | None:
+        """Seconds since the current process was launched (or, adopted, started);
+        None when there is no process."""
+        if self.owned is None:
+            return None
+        if self._launched_at is not None:
+            return time.monotonic() - self._launched_at
+        if self.record.started_at is not None:
+            return max(0.0, time.time() - self.record.started_at)
+        return None
+
+    def _note_end(self, ran_s: float | None, how: str) -> None:
+        """Say in the server's own log why its launch ended and what comes next, so
+        that ``modelserverd logs NAME`` answers "why did it restart?" (issue 13,
+        item 3). ``ran_s`` None: no process of the server was running, nothing ended."""
+        if ran_s is None:
+            return
+        self._log_line(f"launch ended after {ran_s:.1f} s: {how}")
+
+    def _log_line(self, text: str) -> None:
+        path = Path(self.ctx.config().daemon.log_dir) / f"{self.name}.log"
+        try:
+            launcher.append_log_note(path, text)
+        except OSError as exc:  # the log is for people; supervision goes on without it
+            log.warning("server %s: cannot write to its log %s: %s", self.name, path, exc)
 
     def _task_error(self, exc: Exception, delay: float) -> None:
         if launcher.local_errno(exc) is not None:
@@ -499,7 +545,10 @@ class ServerSupervisor:
             await self._sleep_or_wake(RECHECK_S)
             return False
         except launcher.LaunchError as exc:
-            await self._handle_failure(Failure("crash", f"launch failed: {exc}"))
+            failure = Failure("crash", f"launch failed: {exc}")
+            self._record_relaunch(cfg, old_pid, None, launch_error=str(exc))
+            self.last_pid = None  # the next launch replaces no process
+            await self._handle_failure(failure)
             return False
         self._checks_resumed()
         if self.proc is not None:
@@ -514,27 +563,51 @@ class ServerSupervisor:
         self.record.pid = spawned.pid
         self.record.pgid = spawned.pid
         self.record.started_at = time.time()
+        self._launched_at = time.monotonic()
         self._forget_process_facts()
         self._watch_exit(spawned.pid)
-        if self.pending is not None:
-            failure, self.pending = self.pending, None
-            self.record.restarts += 1
-            self.ctx.writer.add_restart(
-                server=self.name,
-                reason=failure.reason,
-                attempt=self.history.count(time.monotonic(), cfg.restart.failure_window_s)
-                if failure.reason != "manual"
-                else 0,
-                backoff_s=failure.backoff_s,
-                old_pid=old_pid,
-                new_pid=spawned.pid,
-                exit_code=failure.exit_code,
-                signal=failure.signal,
-                message=failure.message,
-                ts=failure.at,
-            )
+        self._record_relaunch(cfg, old_pid, spawned.pid)
         self.set_state(states.STARTING, f"pid {spawned.pid}: {spec.shell_line()}")
         return True
+
+    def _record_relaunch(
+        self,
+        cfg: Config,
+        old_pid: int | None,
+        new_pid: int | None,
+        *,
+        launch_error: str | None = None,
+    ) -> None:
+        """The ``restarts`` row of a launch that answers a failure or a request.
+
+        Every relaunch is a row, one whose launch failed included (``new_pid`` NULL,
+        the launch's error in ``message``): a crash loop of launches that cannot
+        start, or a reload whose new settings cannot start, must show in "restarts in
+        the last 24 h" (issue 13, item 3). A first start, or a start after a stop, is
+        no relaunch and has no row."""
+        if self.pending is None:
+            return
+        failure, self.pending = self.pending, None
+        self.record.restarts += 1
+        message = failure.message
+        if launch_error is not None and message == f"launch failed: {launch_error}":
+            message = f"{message}; this launch failed the same way"
+        elif launch_error is not None:
+            message = f"{message}; this launch failed: {launch_error}"
+        self.ctx.writer.add_restart(
+            server=self.name,
+            reason=failure.reason,
+            attempt=self.history.count(time.monotonic(), cfg.restart.failure_window_s)
+            if failure.reason != "manual"
+            else 0,
+            backoff_s=failure.backoff_s,
+            old_pid=old_pid,
+            new_pid=new_pid,
+            exit_code=failure.exit_code,
+            signal=failure.signal,
+            message=message,
+            ts=failure.at,
+        )
 
     def _forget_process_facts(self) -> None:
         """What the last process reported (version, load) is not this one's."""
@@ -1023,7 +1096,7 @@ class ServerSupervisor:
     async def _handle_failure(self, failure: Failure) -> None:
         cfg = self.ctx.config().restart
         # A hung server's requests can never finish: no drain, SIGKILL at once.
-        await self._stop_process(failure.message, failed=True, drain=failure.reason != "hang")
+        ran = await self._stop_process(failure.message, failed=True, drain=failure.reason != "hang")
         if self._port_taken is not None:
             # Another process listened on the server's port meanwhile: whatever went
             # wrong next (SGLang cannot bind, never gets ready) is not the server's
@@ -1037,6 +1110,12 @@ class ServerSupervisor:
         if not failure.counted:
             failure.backoff_s = cfg.backoff_initial_s
             self.pending = failure
+            self._note_failure(
+                ran,
+                failure,
+                f"not counted as a failure; relaunch in {cfg.backoff_initial_s:.1f} s "
+                "once the port is free",
+            )
             self.set_state(
                 states.BACKOFF,
                 f"{failure.reason}: {failure.message}; not counted as a failure; relaunch "
@@ -1059,10 +1138,12 @@ class ServerSupervisor:
         )
         if decision.action == "fatal":
             self.pending = None
+            self._note_failure(ran, failure, f"fatal: {decision.reason_text}")
             self.set_state(states.FATAL, f"{failure.message}; {decision.reason_text}")
             return
         failure.backoff_s = decision.delay_s
         self.pending = failure
+        self._note_failure(ran, failure, decision.reason_text)
         self.set_state(
             states.BACKOFF,
             f"{failure.reason}: {failure.message}; relaunch in {decision.delay_s:.2f} s "
@@ -1071,16 +1152,28 @@ class ServerSupervisor:
         # The backoff counts from the failure: the cleanup above is part of the wait.
         await self._sleep_or_wake(max(0.0, decision.delay_s - (time.time() - failure.at)))
 
-    async def _stop_process(self, why: str, *, failed: bool = False, drain: bool = True) -> None:
+    def _note_failure(self, ran_s: float | None, failure: Failure, then: str) -> None:
+        """The log line of a failure: how the launch ended (or that it could not be
+        made at all) and what the supervisor does next."""
+        if ran_s is None:  # no process: the launch itself failed
+            self._log_line(f"{failure.message}; {then}")
+        else:
+            self._note_end(ran_s, f"{failure.message} ({failure.reason}); {then}")
+
+    async def _stop_process(
+        self, why: str, *, failed: bool = False, drain: bool = True
+    ) -> float | None:
         """Stop whatever is left of the process tree and wait until its port and GPU
         memory are released. ``drain``: give SGLang ``stop_timeout_s`` to finish its
-        requests after the SIGTERM.
+        requests after the SIGTERM. Returns how long the process had run (None: there
+        was none).
 
         A main process of ours that exited is reaped only after its leftovers are
         killed: until then its zombie keeps the group's id ours (issue 12, item 10)."""
         owned, pgid = self.owned, self.record.pgid
         if owned is None:
-            return
+            return None
+        ran_s = self._running_for()
         self.last_pid = owned.pid
         cfg = self.ctx.config().daemon
         self._refresh_descendants()
@@ -1113,10 +1206,12 @@ class ServerSupervisor:
         await self._wait_released(pids, cfg.stop_timeout_s + RELEASE_EXTRA_S)
         self.owned = None
         self.proc = None
+        self._launched_at = None
         self.recorded = []
         self.record.pid = None
         self.record.pgid = None
         self.save()
+        return ran_s
 
     async def _wait_released(self, pids: set[int], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -20,3 +21,12 @@ def port() -> int:
 
 
 pytest_plugins = ["daemon_harness", "simtools"]
+
+
+@pytest.fixture(autouse=True)
+def _tables_without_a_terminal_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tables fit ``$COLUMNS`` (supervisord_ms/display.py). GNU readline, once loaded,
+    writes the terminal's width into the process environment behind ``os.environ``'s
+    back, where every subprocess would inherit it; a test that wants a width sets it."""
+    os.unsetenv("COLUMNS")
+    monkeypatch.delenv("COLUMNS", raising=False)

@@ -215,7 +215,7 @@ def test_status_shows_the_sglang_version(tmp_path: Path, monkeypatch: pytest.Mon
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     header = next(line for line in lines if line.startswith("NAME"))
-    assert header.split()[5:9] == ["PID", "UPTIME", "VERSION", "LATENCY"]
+    assert header.split()[5:9] == ["PID", "UPTIME", "VERSION", "LATENCY_S"]
     column = header.index("VERSION")
     rows = {line.split()[0]: line for line in lines[lines.index(header) + 1 :]}
     assert rows["a"][column:].split()[0] == "0.5.4"
@@ -238,6 +238,10 @@ def _local_server(tmp_path: Path, **extra: str) -> str:
         f'model_path = "{model}"',
         "gpus = [0]",
         *(f"{k} = {v}" for k, v in extra.items()),
+        # check-config refuses an interpreter that cannot run the module (issue 13).
+        "[sglang]",
+        f"python = {json.dumps(sys.executable)}",
+        'module = "supervisord_ms.sim"',
     ]
     return "\n".join(lines) + "\n"
 
