@@ -1,13 +1,16 @@
-"""Write the README's performance section from bench/results.json.
+"""Write the performance numbers in README.md and docs/performance.md from
+bench/results.json.
 
-The section between ``<!-- performance -->`` and ``<!-- /performance -->`` is
-generated, never edited by hand: a Markdown table of every row (ours against the
-seed policy, round robin and the SGLang router where those apply), the machine and
-the date, how to reproduce, and, under the table, each row where ours misses its
-target or is behind a comparison, with the reason the benchmark itself recorded.
+In both files the part between ``<!-- performance -->`` and ``<!-- /performance -->``
+is generated, never edited by hand. The README gets the summary: the machine and the
+date, how to reproduce, a Markdown table of every row (ours against the seed policy,
+round robin and the SGLang router where those apply) and a short legend.
+docs/performance.md gets the same table with the full legend (how the SGLang router
+was run), what the comparisons showed, and each row where ours misses its target or
+is behind a comparison, with the reason the benchmark itself recorded.
 
-    .venv/bin/python bench/report.py            # rewrite the README section
-    .venv/bin/python bench/report.py --check    # exit 1 if the README is out of date
+    .venv/bin/python bench/report.py            # rewrite both sections
+    .venv/bin/python bench/report.py --check    # exit 1 if either is out of date
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.json"
 README = ROOT / "README.md"
+DOC = ROOT / "docs" / "performance.md"
+DOC_LINK = "docs/performance.md"  # the README's link to DOC
 BEGIN = "<!-- performance -->"
 END = "<!-- /performance -->"
 MARK = "⚠"
@@ -139,10 +144,21 @@ def _peer_legend(peer: dict[str, Any] | None) -> str:
     )
 
 
-def render(results: dict[str, Any]) -> str:
-    """The Markdown that goes between the markers (markers excluded)."""
-    rows = results.get("rows", [])
-    lines = [
+def _peer_short(peer: dict[str, Any] | None) -> str:
+    """The README legend's words on the SGLang router column."""
+    if not peer:
+        return "*sglang-router*: the SGLang router, not run yet."
+    if peer.get("install_error") or not peer.get("version"):
+        return "*sglang-router*: the SGLang router, not measured in this run."
+    return (
+        f"*sglang-router*: the SGLang router (`{peer.get('package', 'sglang-router')}` "
+        f"{peer['version']}) at its defaults, in front of the same kind of fleet."
+    )
+
+
+def _head(results: dict[str, Any]) -> list[str]:
+    """What was measured, where and when, and how to measure it again."""
+    return [
         "Servers here are simulated SGLang servers (`python -m supervisord_ms.sim`) on "
         "simulated GPUs (the `file:` GPU view): the numbers measure the supervisor, the API "
         "and the selection policies, not SGLang or a model.",
@@ -150,17 +166,19 @@ def render(results: dict[str, Any]) -> str:
         f"Machine: {results.get('machine', 'unknown')}. Date: {results.get('date', 'unknown')}. "
         "Reproduce: `make bench` (every row, with its raw samples, is in "
         "`bench/results.json`).",
-        "",
+    ]
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    """Every row, ours marked where it misses its target or is behind a comparison."""
+    lines = [
         "| " + " | ".join(COLUMNS) + " | unit |",
         "|---|---|---:|---:|---:|---:|---|---|",  # words left, numbers right
     ]
-    flagged: list[tuple[dict[str, Any], list[str]]] = []
     for r in rows:
-        issues = problems(r)
         ours = fmt(r.get("ours"))
-        if issues:
+        if problems(r):
             ours = f"{ours} {MARK}"
-            flagged.append((r, issues))
         cells = [
             r.get("scenario", ""),
             r.get("metric", ""),
@@ -172,21 +190,57 @@ def render(results: dict[str, Any]) -> str:
             r.get("unit", ""),
         ]
         lines.append("| " + " | ".join(_cell(str(c)) for c in cells) + " |")
-    lines += [
+    return lines
+
+
+SEED_LEGEND = (
+    "*seed policy*: the seed's rules (the fastest latest sample, no memory or margin; "
+    "re-select on one request slower than 2x the latency at selection) replayed on the "
+    "same trace. *round robin*: requests dealt in turn."
+)
+
+
+def render_readme(results: dict[str, Any]) -> str:
+    """The README's summary (markers excluded): the table and a short legend that
+    sends the reader to docs/performance.md for the rest."""
+    rows = results.get("rows", [])
+    lines = [*_head(results), "", *_table(rows), ""]
+    legend = (
+        "— : does not apply. *seed policy*: the seed's rules replayed on the same trace. "
+        "*round robin*: requests dealt in turn. " + _peer_short(results.get("sglang_router"))
+    )
+    if any(problems(r) for r in rows):
+        legend += (
+            f" {MARK}: misses its target or is behind a comparison. "
+            f"[{DOC_LINK}]({DOC_LINK}) gives the reason for each {MARK}, how each "
+            "comparison was run, and what the comparisons showed."
+        )
+    else:
+        legend += f" How each comparison was run, and what it showed: [{DOC_LINK}]({DOC_LINK})."
+    lines.append(legend)
+    return "\n".join(lines)
+
+
+def render_doc(results: dict[str, Any]) -> str:
+    """docs/performance.md's generated part (markers excluded): the table, the full
+    legend, what the comparisons showed, and why each marked row is marked."""
+    rows = results.get("rows", [])
+    lines = [
+        *_head(results),
         "",
-        "— : does not apply. *seed policy*: the seed's rules (the fastest latest sample, "
-        "no memory or margin; re-select on one request slower than 2x the latency at "
-        "selection) replayed on the same trace. *round robin*: requests dealt in turn. "
-        + _peer_legend(results.get("sglang_router")),
+        *_table(rows),
+        "",
+        "— : does not apply. " + SEED_LEGEND + " " + _peer_legend(results.get("sglang_router")),
     ]
     remarks = [r for r in rows if r.get("remark")]
     if remarks:
-        lines += ["", "What the comparisons showed:", ""]
+        lines += ["", "### What the comparisons showed", ""]
         for r in remarks:
             lines.append(f"- **{r.get('scenario')}** — {_cell(str(r['remark']))}")
+    flagged = [(r, problems(r)) for r in rows]
+    flagged = [(r, issues) for r, issues in flagged if issues]
     if flagged:
-        heading = f"{MARK} Rows that miss their target or are behind a comparison, and why:"
-        lines += ["", heading, ""]
+        lines += ["", f"### {MARK} Rows that miss their target or are behind a comparison", ""]
         for r, issues in flagged:
             why = r.get("note") or "the benchmark gave no reason"
             lines.append(
@@ -228,37 +282,41 @@ def render_text(rows: list[dict[str, Any]]) -> str:
     return "\n".join([line(head), *(line(b) for b in body)])
 
 
-def updated_readme(readme: str, section: str) -> str:
-    start = readme.find(BEGIN)
-    end = readme.find(END)
+def updated_section(text: str, section: str, name: str = "README") -> str:
+    """``text`` with the part between the markers replaced by ``section``."""
+    start = text.find(BEGIN)
+    end = text.find(END)
     if start < 0 or end < start:
-        raise SystemExit(f"README has no {BEGIN} ... {END} section")
-    return readme[: start + len(BEGIN)] + "\n" + section + "\n" + readme[end:]
+        raise SystemExit(f"{name} has no {BEGIN} ... {END} section")
+    return text[: start + len(BEGIN)] + "\n" + section + "\n" + text[end:]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--doc", type=Path, default=DOC)
     parser.add_argument(
-        "--check", action="store_true", help="exit 1 when the README section is out of date"
+        "--check", action="store_true", help="exit 1 when a generated section is out of date"
     )
     args = parser.parse_args(argv)
     results = json.loads(args.results.read_text(encoding="utf-8"))
-    readme = args.readme.read_text(encoding="utf-8")
-    new = updated_readme(readme, render(results))
-    if args.check:
-        if new != readme:
-            print(f"{args.readme}: performance section differs from {args.results}")
-            return 1
-        print(f"{args.readme}: performance section matches {args.results}")
-        return 0
-    if new != readme:
-        args.readme.write_text(new, encoding="utf-8")
-        print(f"{args.readme}: performance section rewritten from {args.results}")
-    else:
-        print(f"{args.readme}: performance section already up to date")
-    return 0
+    status = 0
+    for path, render in ((args.readme, render_readme), (args.doc, render_doc)):
+        text = path.read_text(encoding="utf-8")
+        new = updated_section(text, render(results), str(path))
+        if args.check:
+            if new != text:
+                print(f"{path}: performance section differs from {args.results}")
+                status = 1
+            else:
+                print(f"{path}: performance section matches {args.results}")
+        elif new != text:
+            path.write_text(new, encoding="utf-8")
+            print(f"{path}: performance section rewritten from {args.results}")
+        else:
+            print(f"{path}: performance section already up to date")
+    return status
 
 
 if __name__ == "__main__":
