@@ -1,5 +1,5 @@
 """Run every benchmark, collect the rows into bench/results.json, print them, and
-rewrite the README's performance section (via bench/report.py).
+rewrite the README's performance table and docs/performance.md (via bench/report.py).
 
 Each scenario runs as its own subprocess with a time limit, so one crash or hang
 loses only its own rows (it becomes a "no result" row saying why). On a timeout the
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated scenarios (default: all)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument(
-        "--no-readme", action="store_true", help="do not rewrite the README section"
+        "--no-readme", action="store_true", help="do not rewrite the README table or docs/performance.md"
     )
     args = parser.parse_args(argv)
     names = [j.name for j in JOBS]
