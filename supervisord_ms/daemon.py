@@ -439,7 +439,10 @@ class Daemon:
             self.registry.apply_config(new)
             for n, sup in self.supervisors.items():
                 sup.record = self.registry.servers[n]
-            for n in changed:
+            # A server the operator stopped stays stopped: its new settings apply when
+            # it is started.
+            restarted = [n for n in changed if self.supervisors[n].want_running]
+            for n in restarted:
                 self.supervisors[n].request("restart", reason="config_change")
             await self._start_supervisors([new_managed[n] for n in added], adopt=False)
             if self.gateway is not None:
@@ -448,7 +451,8 @@ class Daemon:
             result = {
                 "added": added,
                 "removed": removed,
-                "restarted": changed,
+                "restarted": restarted,
+                "changed_stopped": [n for n in changed if n not in restarted],
                 "unchanged": [n for n in new_managed if n not in added and n not in changed],
                 "needs_daemon_restart": needs_restart,
             }

@@ -147,6 +147,7 @@ _RELOAD_PARTS = (
     ("added", "added"),
     ("removed", "removed"),
     ("restarted", "restarted"),
+    ("changed_stopped", "changed while stopped (not started)"),
     ("unchanged", "unchanged"),
 )
 

@@ -241,6 +241,20 @@ def test_bad_config_on_reload_keeps_the_running_one(daemon_factory):
     assert d.server("a")["pid"] == pid and d.server("a")["state"] == "ready"
 
 
+def test_reload_leaves_a_stopped_server_stopped(daemon_factory):
+    d = daemon_factory([{"name": "a", "port": free_port(), "gpus": [0]}]).start()
+    d.wait_state("a", "ready")
+    d.api("POST", "/v1/servers/a/stop")
+    d.wait_state("a", "stopped")
+    d.config_path.write_text(d.config_path.read_text().replace("gpus = [0]", "gpus = [1]"))
+    result = d.api("POST", "/v1/reload")
+    assert result["changed_stopped"] == ["a"] and result["restarted"] == [], result
+    time.sleep(1.0)  # what would have been a restart has had its chance to begin
+    assert d.server("a")["state"] == "stopped" and d.server("a")["gpus"] == [1]
+    d.api("POST", "/v1/servers/a/start")
+    d.wait_state("a", "ready")
+
+
 def test_manual_stop_start_restart(daemon_factory):
     d = daemon_factory([{"name": "a", "port": free_port(), "gpus": [0]}]).start()
     pid = d.wait_state("a", "ready")["pid"]
