@@ -201,10 +201,23 @@ SEED_LEGEND = (
 
 
 def render_readme(results: dict[str, Any]) -> str:
-    """The README's summary (markers excluded): the table and a short legend that
-    sends the reader to docs/performance.md for the rest."""
+    """The README's summary (markers excluded): the rows with a target and a short
+    legend that sends the reader to docs/performance.md for every row and the rest."""
     rows = results.get("rows", [])
-    lines = [*_head(results), "", *_table(rows), ""]
+    targeted = [r for r in rows if r.get("target")]
+    rest = [r for r in rows if not r.get("target")]
+    lines = [
+        *_head(results),
+        "",
+        "The rows with a target:",
+        "",
+        *_table(targeted),
+        "",
+        f"{len(rest)} more rows ({sum(1 for r in rest if problems(r))} marked {MARK}) "
+        f"compare ours with round robin, the seed's policy and sglang-router: "
+        f"[{DOC_LINK}]({DOC_LINK}).",
+        "",
+    ]
     legend = (
         "— : does not apply. *seed policy*: the seed's rules replayed on the same trace. "
         "*round robin*: requests dealt in turn. " + _peer_short(results.get("sglang_router"))
