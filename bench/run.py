@@ -267,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated scenarios (default: all)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument(
-        "--no-readme", action="store_true", help="do not rewrite the README table or docs/performance.md"
+        "--no-readme",
+        action="store_true",
+        help="do not rewrite the README table or docs/performance.md",
     )
     args = parser.parse_args(argv)
     names = [j.name for j in JOBS]

@@ -110,22 +110,39 @@ class CompletionStream(Iterator[str]):
         self.close()
 
 
-def _load(config: str | os.PathLike[str] | None) -> tuple[Config | None, Path, list[str]]:
+# How a caller names the config file. The shared config loader speaks to the
+# command line; a Python caller is told about the ``config=`` parameter instead.
+CLI_CONFIG_HINT = "pass --config"
+LIBRARY_CONFIG_HINT = "pass ModelServer(..., config=PATH)"
+
+
+def for_caller(problems: Sequence[str], hint: str) -> list[str]:
+    """``problems`` with the loader's advice to pass ``--config`` (or the library's
+    ``config=``) reworded as ``hint``."""
+    return [p.replace(CLI_CONFIG_HINT, hint).replace(LIBRARY_CONFIG_HINT, hint) for p in problems]
+
+
+def _load(
+    config: str | os.PathLike[str] | None, *, hint: str = LIBRARY_CONFIG_HINT
+) -> tuple[Config | None, Path, list[str]]:
     """The config, or None with the problems when a missing default file may be excused.
 
     On a daemon host the file is often readable by root only while the socket is open to
     a group: then the daemon alone is enough, and the file matters only without it. A
     file that was named explicitly, or exists and is invalid, is an error at once.
+    ``hint`` is how the caller names another file: ``config=`` for Python code (the
+    default), ``--config`` for ``ms-client``.
     """
     path = resolve_config_path(config)
     try:
         return load_config(path), path, []
     except ConfigError as exc:
+        problems = for_caller(exc.problems, hint)
         explicit = config is not None or bool(os.environ.get(CONFIG_ENV_VAR))
         unreadable = not path.is_file() or not os.access(path, os.R_OK)
         if explicit or not unreadable:
-            raise ConfigProblem(exc.problems) from None
-        return None, path, list(exc.problems)
+            raise ConfigProblem(problems) from None
+        return None, path, problems
 
 
 class ModelServer:
@@ -395,10 +412,14 @@ class ModelServer:
     # --- choosing --------------------------------------------------------------------
 
     def _ordered(self, servers: list[ServerInfo], now: float) -> list[ServerInfo]:
-        """Called with the lock held."""
+        """Called with the lock held. The list itself while nothing failed here (every
+        request passes through; nobody changes the list)."""
         for table in (self._demoted, self._excluded):
-            for name in [n for n, until in table.items() if until <= now]:
-                del table[name]
+            if table:
+                for name in [n for n, until in table.items() if until <= now]:
+                    del table[name]
+        if not self._demoted:
+            return servers
         return demote(servers, [s.name for s in servers], self._demoted)
 
     def _route_key(self) -> str | None:

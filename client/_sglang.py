@@ -142,9 +142,10 @@ class _Parser:
             raise AttemptFailed(f"garbled stream chunk: {data[:80]!r}") from None
         if not isinstance(obj, dict):
             raise AttemptFailed(f"unexpected stream chunk: {data[:80]!r}")
-        error = _stream_error(obj)
-        if error is not None:
-            raise error
+        if "error" in obj or obj.get("object") == "error":
+            error = _stream_error(obj)
+            if error is not None:
+                raise error
         return self._delta(obj)
 
     def _delta(self, obj: dict[str, Any]) -> tuple[str, bool]:
@@ -222,14 +223,18 @@ class _ChatParser(_Parser):
         self._tools = _ToolCalls()
 
     def _delta(self, obj: dict[str, Any]) -> tuple[str, bool]:
+        # Runs once per token: the common chunk (content, no usage, no reasoning, no
+        # tool calls) takes the fewest checks.
         usage = obj.get("usage")
-        if isinstance(usage, dict):
+        if usage and isinstance(usage, dict):
             self.prompt_tokens = _int(usage.get("prompt_tokens")) or self.prompt_tokens
             self.completion_tokens = _int(usage.get("completion_tokens")) or self.completion_tokens
         choices = obj.get("choices")
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        if not choices or not isinstance(choices, list):
             return "", False
         choice = choices[0]
+        if not isinstance(choice, dict):
+            return "", False
         progress = False
         if choice.get("finish_reason"):
             self.finished = True
@@ -242,18 +247,22 @@ class _ChatParser(_Parser):
                 return "", progress
             self.finished = True
             progress = True
-        # Any delta is output: the role-only first chunk included.
-        if any(value is not None for value in part.values()):
-            progress = True
+        content = part.get("content")
+        if not progress:
+            # Any delta is output: the role-only first chunk included.
+            progress = content is not None or any(v is not None for v in part.values())
         generated = False
         reasoning = part.get("reasoning_content")
-        if isinstance(reasoning, str) and reasoning:
+        if reasoning and isinstance(reasoning, str):
             self._reasoning.append(reasoning)
             generated = True
         tool_calls = part.get("tool_calls")
-        if isinstance(tool_calls, list) and self._tools.merge(tool_calls, whole=whole):
+        if (
+            tool_calls
+            and isinstance(tool_calls, list)
+            and self._tools.merge(tool_calls, whole=whole)
+        ):
             generated = True
-        content = part.get("content")
         text = content if isinstance(content, str) else ""
         if text or generated:
             self.pieces += 1

@@ -5,9 +5,12 @@ not drag an event loop into its callers' programs.
 
 - :class:`HttpTransport` opens a streaming POST to an SGLang server on a pooled
   keep-alive connection and hands back an :class:`EventStream` of server-sent events.
-  Every read takes an absolute deadline, applied as the socket timeout, so the caller
-  decides how long a first token or a pause mid-answer may take. Its ``open`` is the
-  seam the tests replace.
+  Every read takes an absolute deadline, so the caller decides how long a first token
+  or a pause mid-answer may take. A request costs the client little next to the
+  server's own work (issue 11): it leaves in one write with headers built once per
+  server, its answer is read straight from the socket (not through ``http.client``'s
+  response), and the socket timeout is set again only when it must be. Its ``open``
+  is the seam the tests replace.
 - :class:`DaemonClient` asks the daemon over HTTP/1.1 + JSON on the Unix socket.
 
 Lower-level errors are translated here: :class:`TransportError` (internal, caught by
@@ -36,15 +39,6 @@ IDLE_EXPIRY_S = 4.0
 MAX_IDLE_PER_SERVER = 8
 MAX_ERROR_BODY = 64 * 1024
 MAX_LINE = 16 * 1024 * 1024  # one SSE line; a whole non-streamed answer can be large
-
-# Errors on a reused keep-alive connection before any answer arrived: the server
-# closed it while idle, so the request never ran and may be sent again once.
-_STALE = (
-    http.client.RemoteDisconnected,
-    ConnectionResetError,
-    BrokenPipeError,
-    ConnectionAbortedError,
-)
 
 
 class TransportError(Exception):
@@ -132,130 +126,361 @@ class SglangTransport(Protocol):
         """POST ``body`` as JSON; by ``deadline`` the status line must have arrived."""
 
 
-def _set_timeout(sock: socket.socket | None, deadline: float) -> None:
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise TransportError("deadline passed", timeout=True)
-    if sock is not None:
-        sock.settimeout(remaining)
+# --- one answer, read from the socket ------------------------------------------------
+
+# A socket timeout already set is kept while it is at most this much longer than the
+# time left (a read may overrun its deadline by this much); a shorter one is kept too,
+# since a read it cuts short is resumed. Setting it for every read was the client's
+# most frequent system call.
+TIMEOUT_SLACK_S = 0.01
+RECV_SIZE = 64 * 1024
+MAX_HEAD = 64 * 1024  # status line and headers of one answer
+# A request longer than this may fill the socket's send buffer: its send then gets
+# the exact time left, as a cut-short send cannot be resumed.
+SMALL_REQUEST = 16 * 1024
+
+# Body framing of an answer (``_Answer.framing``).
+_DONE, _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(4)
+# ``_Answer.left`` in a chunked body, when it is not the bytes left of a chunk.
+_SIZE_LINE = 0  # a chunk-size line comes next
+_AFTER_DATA = -1  # the CRLF that ends a chunk's data
+_TRAILERS = -2  # the trailer lines after the last chunk, up to a blank line
+
+# Errors on a reused keep-alive connection before any byte of an answer: the server
+# closed it while idle, so the request never ran and may be sent again once.
+_STALE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
 
-# A socket timeout already set is kept while the deadline it implies is within this
-# of the one asked for: a stream reads a line per token, and a settimeout per line
-# was a fifth of the client's own time per request.
-TIMEOUT_SLACK_S = 0.05
+class _NoAnswer(TransportError):
+    """The connection ended before any byte of an answer came back."""
 
 
-class _Deadline:
-    """The socket timeout of one stream, set again only when its deadline moves."""
+class _Connection(http.client.HTTPConnection):
+    """A pooled keep-alive connection to one server. ``http.client`` opens it (connect
+    timeout, TCP_NODELAY) and sends each request in one write; :class:`_Answer` reads
+    the answers from its socket. ``sock_timeout`` is the timeout its socket has now,
+    kept across requests so that it is set again only when it must be."""
 
-    __slots__ = ("_sock", "_until")
-
-    def __init__(self, sock: socket.socket | None):
-        self._sock = sock
-        self._until: float | None = None
-
-    def apply(self, deadline: float) -> None:
-        now = time.monotonic()
-        if deadline <= now:
-            raise TransportError("deadline passed", timeout=True)
-        if self._sock is None:
-            return
-        if self._until is not None and abs(self._until - deadline) <= TIMEOUT_SLACK_S:
-            return
-        self._sock.settimeout(deadline - now)
-        self._until = deadline
+    sock_timeout = 0.0
 
 
-class _OneWriteConnection(http.client.HTTPConnection):
-    """Sends a request's headers and bytes body in one write: two writes cost an extra
-    system call, and with delayed ACKs can hold the body back on the wire."""
+def _head_end(raw: bytes) -> tuple[int, int]:
+    """Where the status line and headers end in ``raw`` and the body begins; (-1, -1)
+    while incomplete. Bare ``\\n`` line ends are accepted, as ``http.client`` does."""
+    crlf = raw.find(b"\r\n\r\n")
+    lf = raw.find(b"\n\n")
+    if lf >= 0 and (crlf < 0 or lf < crlf):
+        return lf, lf + 2
+    return (crlf, crlf + 4) if crlf >= 0 else (-1, -1)
 
-    def _send_output(self, message_body: Any = None, encode_chunked: bool = False) -> None:
-        if isinstance(message_body, bytes) and not encode_chunked:
-            self._buffer.extend((b"", b""))
-            message = b"\r\n".join(self._buffer) + message_body
-            del self._buffer[:]
-            self.send(message)
-            return
-        super()._send_output(message_body, encode_chunked)
+
+class _Answer:
+    """One HTTP/1.1 answer read straight from the connection's socket under deadlines.
+
+    ``http.client``'s response cannot be read on after a timeout, so each read needed a
+    socket timeout of exactly the time left, set again whenever the deadline moved; and
+    its line-by-line chunked reading was most of the client's own time per streamed
+    request. Here a read cut short by a timeout kept from an earlier, shorter deadline
+    is resumed, so the timeout is set only when it is longer than the time left (after
+    a slow read or a shorter deadline), and a chunked body is decoded a read at a time.
+    """
+
+    __slots__ = (
+        "conn",
+        "sock",
+        "status",
+        "content_type",
+        "will_close",
+        "framing",
+        "left",
+        "closed",
+        "_raw",
+        "_any",
+    )
+
+    def __init__(self, conn: _Connection, sock: socket.socket):
+        self.conn = conn
+        self.sock = sock
+        self.status = 0
+        self.content_type = ""
+        self.will_close = True
+        self.framing = _UNTIL_CLOSE
+        self.left = 0
+        self.closed = False  # aborted from another thread: errors say "aborted"
+        self._raw = b""  # received, not yet consumed
+        self._any = False  # whether any byte of the answer arrived
+
+    def _settimeout(self, seconds: float) -> None:
+        self.sock.settimeout(seconds)
+        self.conn.sock_timeout = seconds
+
+    def _error(self, exc: OSError) -> TransportError:
+        if self.closed:
+            return TransportError("aborted")
+        if not self._any and isinstance(exc, _STALE):
+            return _NoAnswer(describe_os_error(exc))
+        return TransportError(describe_os_error(exc))
+
+    def send(self, request: bytes, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TransportError("timed out", timeout=True)
+        if len(request) > SMALL_REQUEST or self.conn.sock_timeout > remaining + TIMEOUT_SLACK_S:
+            self._settimeout(remaining)
+        try:
+            self.conn.send(request)
+        except TimeoutError:
+            raise TransportError("timed out", timeout=True) from None
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def _recv(self, deadline: float) -> bytes:
+        """The next bytes by ``deadline``; b"" when the server closed the connection."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TransportError("timed out", timeout=True)
+            if self.conn.sock_timeout > remaining + TIMEOUT_SLACK_S:
+                self._settimeout(remaining)
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except TimeoutError:
+                # Cut short by a timeout kept from a shorter deadline: wait the rest.
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    self._settimeout(remaining)
+                continue
+            except OSError as exc:
+                raise self._error(exc) from None
+            if data:
+                self._any = True
+            elif self.closed:
+                raise TransportError("aborted")
+            return data
+
+    def read_head(self, deadline: float) -> None:
+        """The status line and headers (interim 1xx answers skipped)."""
+        raw = b""
+        while True:
+            end, body = _head_end(raw)
+            if end < 0:
+                if len(raw) > MAX_HEAD:
+                    raise TransportError("bad HTTP answer (headers too long)")
+                more = self._recv(deadline)
+                if not more:
+                    if not raw:
+                        raise _NoAnswer("connection closed without an answer")
+                    raise TransportError("connection closed mid-answer")
+                raw += more
+                continue
+            lines = raw[:end].split(b"\n")
+            raw = raw[body:]
+            version, _, rest = lines[0].rstrip(b"\r").partition(b" ")
+            try:
+                status = int(rest[:3])
+            except ValueError:
+                status = 0
+            if not version.startswith(b"HTTP/") or not 100 <= status <= 999:
+                raise TransportError("bad HTTP answer (status line)")
+            if status < 200 and status != 101:
+                continue  # 100 Continue, 103 Early Hints: the answer follows
+            break
+        headers: dict[bytes, bytes] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        self.status = status
+        self.content_type = headers.get(b"content-type", b"").decode("latin-1").lower()
+        connection = headers.get(b"connection", b"").lower()
+        keep_alive = b"keep-alive" in connection if version == b"HTTP/1.0" else True
+        self.will_close = b"close" in connection or not keep_alive
+        if status in (204, 304):
+            self.framing = _DONE
+        elif b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+            self.framing = _CHUNKED
+            self.left = _SIZE_LINE
+        elif b"content-length" in headers:
+            try:
+                self.left = int(headers[b"content-length"])
+            except ValueError:
+                raise TransportError("bad HTTP answer (Content-Length)") from None
+            if self.left < 0:
+                raise TransportError("bad HTTP answer (Content-Length)")
+            self.framing = _LENGTH if self.left else _DONE
+        else:
+            self.framing = _UNTIL_CLOSE
+            self.will_close = True
+        self._raw = raw
+
+    def read_body(self, deadline: float) -> bytes:
+        """The next part of the body as sent (chunk framing removed); b"" at its end."""
+        while True:
+            framing = self.framing
+            raw = self._raw
+            if framing == _CHUNKED:
+                piece = self._dechunk(raw)
+                if piece or self.framing == _DONE:
+                    return piece
+            elif framing == _LENGTH:
+                if raw:
+                    piece = raw[: self.left]
+                    self._raw = raw[len(piece) :]
+                    self.left -= len(piece)
+                    if not self.left:
+                        self.framing = _DONE
+                    return piece
+            elif framing == _UNTIL_CLOSE:
+                if raw:
+                    self._raw = b""
+                    return raw
+            else:
+                return b""
+            more = self._recv(deadline)
+            if not more:
+                if framing != _UNTIL_CLOSE:
+                    raise TransportError("connection closed mid-answer")
+                self.framing = _DONE
+                return b""
+            self._raw = self._raw + more if self._raw else more
+
+    def _dechunk(self, raw: bytes) -> bytes:
+        """The data of every chunk complete or begun in ``raw``; the rest stays."""
+        pieces: list[bytes] = []
+        pos = 0
+        end = len(raw)
+        left = self.left
+        while pos < end:
+            if left > 0:
+                piece = raw[pos : pos + left]
+                pieces.append(piece)
+                pos += len(piece)
+                left -= len(piece)
+                if not left:
+                    left = _AFTER_DATA
+                continue
+            if left == _AFTER_DATA:
+                if raw[pos] == 13:  # \r\n
+                    if end - pos < 2:
+                        break
+                    if raw[pos + 1] != 10:
+                        raise TransportError("bad HTTP answer (chunk end)")
+                    pos += 2
+                elif raw[pos] == 10:
+                    pos += 1
+                else:
+                    raise TransportError("bad HTTP answer (chunk end)")
+                left = _SIZE_LINE
+                continue
+            newline = raw.find(b"\n", pos)
+            if newline < 0:
+                if end - pos > MAX_HEAD:
+                    raise TransportError("bad HTTP answer (chunk size line too long)")
+                break
+            line = raw[pos:newline]
+            pos = newline + 1
+            if left == _TRAILERS:
+                if not line.strip():
+                    self.framing = _DONE
+                    break
+                continue
+            try:
+                size = int(line.split(b";", 1)[0], 16)
+            except ValueError:
+                size = -1
+            if size < 0:
+                raise TransportError("bad HTTP answer (chunk size)")
+            left = size if size else _TRAILERS
+        self.left = left
+        self._raw = raw[pos:]
+        if len(pieces) == 1:
+            return pieces[0]
+        return b"".join(pieces)
+
+    def read_rest(self, deadline: float, limit: int | None = None) -> bytes:
+        """The body up to its end (or once ``limit`` bytes came)."""
+        pieces: list[bytes] = []
+        size = 0
+        while limit is None or size < limit:
+            piece = self.read_body(deadline)
+            if not piece:
+                break
+            pieces.append(piece)
+            size += len(piece)
+        return b"".join(pieces)
+
+    @property
+    def reusable(self) -> bool:
+        """Read to its end, nothing after it, and the server keeps the connection."""
+        return self.framing == _DONE and not self._raw and not self.will_close
 
 
 class HttpEventStream:
-    """Server-sent events from one HTTP response, read under deadlines."""
+    """Server-sent events from one answer, read under deadlines."""
 
-    def __init__(
-        self,
-        transport: HttpTransport,
-        key: tuple[str, int],
-        conn: http.client.HTTPConnection,
-        sock: socket.socket | None,
-        resp: http.client.HTTPResponse,
-    ):
+    def __init__(self, transport: HttpTransport, key: tuple[str, int], answer: _Answer):
         self._transport = transport
         self._key = key
-        self._conn = conn
-        self._sock = sock
-        self._resp = resp
-        self._timeout = _Deadline(sock)
+        self._answer = answer
         self._lock = threading.Lock()
         self._closed = False
-        self._body_done = False
-        content_type = resp.getheader("Content-Type", "") or ""
-        self.is_sse = "text/event-stream" in content_type.lower()
-
-    def _readline(self, deadline: float) -> bytes:
-        self._timeout.apply(deadline)
-        try:
-            return self._resp.readline(MAX_LINE)
-        except TimeoutError:
-            raise TransportError("timed out", timeout=True) from None
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            if self._closed:
-                raise TransportError("aborted") from None
-            raise TransportError(describe_os_error(exc)) from None
+        self._ended = False
+        self._buf = b""  # body bytes not yet split into lines
+        self.is_sse = "text/event-stream" in answer.content_type
 
     def next_event(self, deadline: float) -> str | None:
-        if self._body_done:
+        if self._ended:
             return None
+        answer = self._answer
         if not self.is_sse:
             # A server that ignored "stream": the whole answer is one event.
-            self._body_done = True
-            return self._read_rest(deadline).decode("utf-8", "replace")
-        data: list[str] = []
+            self._ended = True
+            return answer.read_rest(deadline).decode("utf-8", "replace")
+        data: list[bytes] = []
+        buf = self._buf
+        pos = 0
         while True:
-            line = self._readline(deadline)
+            newline = buf.find(b"\n", pos)
+            if newline >= 0:
+                line = buf[pos:newline]
+                pos = newline + 1
+            else:
+                rest = buf[pos:]
+                if len(rest) > MAX_LINE:
+                    raise TransportError("an event line over 16 MiB")
+                piece = answer.read_body(deadline)
+                if piece:
+                    buf = rest + piece if rest else piece
+                    pos = 0
+                    continue
+                self._ended = True  # the body ended; a last line without \n counts
+                self._buf = b""
+                if not rest:
+                    return b"\n".join(data).decode("utf-8", "replace") if data else None
+                line = rest
+                buf = b""
+                pos = 0
+            if line[-1:] == b"\r":
+                line = line[:-1]
             if not line:
-                self._body_done = True
-                return "\n".join(data) if data else None
-            text = line.decode("utf-8", "replace").rstrip("\r\n")
-            if not text:
                 if data:
-                    return "\n".join(data)
+                    self._buf = buf[pos:]
+                    return b"\n".join(data).decode("utf-8", "replace")
                 continue
-            if text.startswith(":"):
+            if line[:5] == b"data:":
+                value = line[5:]
+            elif line[:1] == b":":
                 continue  # an SSE comment (keep-alive ping)
-            field, _, value = text.partition(":")
-            if field == "data":
-                data.append(value[1:] if value.startswith(" ") else value)
-
-    def _read_rest(self, deadline: float) -> bytes:
-        chunks: list[bytes] = []
-        while True:
-            self._timeout.apply(deadline)
-            try:
-                chunk = self._resp.read1(65536)
-            except TimeoutError:
-                raise TransportError("timed out", timeout=True) from None
-            except (OSError, http.client.HTTPException, ValueError) as exc:
-                raise TransportError(describe_os_error(exc)) from None
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
+            else:
+                field, _, value = line.partition(b":")
+                if field != b"data":
+                    continue
+            data.append(value[1:] if value[:1] == b" " else value)
 
     def finish(self, deadline: float) -> None:
+        answer = self._answer
         try:
-            self._read_rest(deadline)
+            while answer.read_body(deadline):
+                pass
         except TransportError:
             self.abort()
             return
@@ -263,25 +488,23 @@ class HttpEventStream:
             if self._closed:
                 return
             self._closed = True
-        reusable = not self._resp.will_close and self._conn.sock is not None
-        self._resp.close()
-        if reusable:
-            self._transport._put(self._key, self._conn)
+        if answer.reusable:
+            self._transport._put(self._key, answer.conn)
         else:
-            self._conn.close()
+            answer.conn.close()
 
     def abort(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        if self._sock is not None:
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self._resp.close()
-        self._conn.close()
+        answer = self._answer
+        answer.closed = True
+        try:
+            answer.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        answer.conn.close()
 
 
 class HttpTransport:
@@ -300,15 +523,17 @@ class HttpTransport:
         self._max_idle = max_idle_per_server
         self._expiry = idle_expiry_s
         self._lock = threading.Lock()
-        self._idle: dict[tuple[str, int], list[tuple[float, http.client.HTTPConnection]]] = {}
+        self._idle: dict[tuple[str, int], list[tuple[float, _Connection]]] = {}
+        # The request line and fixed headers per (host, port, path), built once.
+        self._heads: dict[tuple[str, int, str], bytes] = {}
         self.connections_opened = 0  # for tests and benchmarks: keep-alive at work
 
-    def _take(self, key: tuple[str, int]) -> http.client.HTTPConnection | None:
+    def _take(self, key: tuple[str, int]) -> _Connection | None:
         now = time.monotonic()
-        stale: list[http.client.HTTPConnection] = []
+        stale: list[_Connection] = []
         found = None
         with self._lock:
-            idle = self._idle.get(key, [])
+            idle = self._idle.get(key)
             while idle:
                 since, conn = idle.pop()
                 if now - since < self._expiry and conn.sock is not None:
@@ -319,7 +544,7 @@ class HttpTransport:
             conn.close()
         return found
 
-    def _put(self, key: tuple[str, int], conn: http.client.HTTPConnection) -> None:
+    def _put(self, key: tuple[str, int], conn: _Connection) -> None:
         with self._lock:
             idle = self._idle.setdefault(key, [])
             if len(idle) < self._max_idle:
@@ -327,55 +552,80 @@ class HttpTransport:
                 return
         conn.close()
 
+    def _head(self, host: str, port: int, path: str) -> bytes:
+        """The request up to the Content-Length value: the same for every request to
+        one server and path. Host as ``http.client`` writes it."""
+        head = self._heads.get((host, port, path))
+        if head is None:
+            name = f"[{host}]" if ":" in host else host
+            netloc = name if port == http.client.HTTP_PORT else f"{name}:{port}"
+            head = (
+                f"POST {path} HTTP/1.1\r\n".encode("ascii")
+                + b"Host: "
+                + netloc.encode("ascii" if netloc.isascii() else "idna")
+                + b"\r\n"
+                b"Accept-Encoding: identity\r\n"
+                b"Content-Type: application/json\r\n"
+                b"Accept: text/event-stream, application/json\r\n"
+                b"Content-Length: "
+            )
+            if len(self._heads) >= 1024:
+                self._heads.clear()
+            self._heads[(host, port, path)] = head
+        return head
+
+    def _connect(self, host: str, port: int, deadline: float) -> _Connection:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TransportError("timed out", timeout=True)
+        conn = _Connection(host, port, timeout=remaining)
+        try:
+            conn.connect()
+        except TimeoutError:
+            conn.close()
+            raise TransportError("timed out", timeout=True) from None
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise TransportError(describe_os_error(exc)) from None
+        conn.sock_timeout = remaining
+        with self._lock:
+            self.connections_opened += 1
+        return conn
+
     def open(
         self, host: str, port: int, path: str, body: Mapping[str, Any], *, deadline: float
     ) -> HttpEventStream:
         key = (host, port)
         payload = json.dumps(body).encode()
-        headers = {
-            "Content-Type": "application/json",
-            "Accept": "text/event-stream, application/json",
-        }
+        request = b"%s%d\r\n\r\n%s" % (self._head(host, port, path), len(payload), payload)
         while True:
             conn = self._take(key)
             reused = conn is not None
             if conn is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TransportError("timed out", timeout=True)
-                conn = _OneWriteConnection(host, port, timeout=remaining)
+                conn = self._connect(host, port, deadline)
+            sock = conn.sock
+            assert sock is not None
+            answer = _Answer(conn, sock)
             try:
-                if conn.sock is None:
-                    conn.connect()
-                    with self._lock:
-                        self.connections_opened += 1
-                sock = conn.sock
-                _set_timeout(sock, deadline)
-                conn.request("POST", path, body=payload, headers=headers)
-                resp = conn.getresponse()
-            except TransportError:
-                conn.close()
-                raise
-            except _STALE as exc:
+                answer.send(request, deadline)
+                answer.read_head(deadline)
+            except _NoAnswer:
                 conn.close()
                 if reused:
                     continue  # the server had closed it while idle: a fresh one
-                raise TransportError(describe_os_error(exc)) from None
-            except TimeoutError:
+                raise
+            except TransportError:
                 conn.close()
-                raise TransportError("timed out", timeout=True) from None
-            except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                raise TransportError(describe_os_error(exc)) from None
-            stream = HttpEventStream(self, key, conn, sock, resp)
-            if 200 <= resp.status < 300:
+                raise
+            stream = HttpEventStream(self, key, answer)
+            if 200 <= answer.status < 300:
                 return stream
             try:
-                raw = stream._read_rest(deadline)
+                raw = answer.read_rest(deadline, MAX_ERROR_BODY)
             except TransportError:
                 raw = b""
             stream.abort()
-            raise HttpStatusError(resp.status, _error_message(raw[:MAX_ERROR_BODY]))
+            raise HttpStatusError(answer.status, _error_message(raw[:MAX_ERROR_BODY]))
 
     def close(self) -> None:
         """Close every idle connection (requests in flight are not touched)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -18,9 +19,20 @@ import click
 
 from supervisord_ms import __version__
 from supervisord_ms.config import DaemonConfig
+from supervisord_ms.display import (
+    RESTART_WINDOW_S,
+    Column,
+    error_cell,
+    error_time,
+    latency_cell,
+    output_width,
+    restarts_since,
+    seconds,
+    table_lines,
+)
 
 from . import _fallback
-from ._client import ModelServer, _load
+from ._client import CLI_CONFIG_HINT, ModelServer, _load, for_caller
 from ._exceptions import (
     ConfigProblem,
     DaemonError,
@@ -55,7 +67,8 @@ def _errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except ConfigProblem as exc:
-            _fail(EXIT_CONFIG, [*exc.problems, "fix the config above (or pass --config PATH)"])
+            problems = for_caller(exc.problems, CLI_CONFIG_HINT)  # the library says config=
+            _fail(EXIT_CONFIG, [*problems, "fix the config above (or pass --config PATH)"])
         except (NoServerAvailable, StreamInterrupted) as exc:
             _fail(EXIT_NO_SERVER, [str(exc)])
         except (RequestRejected, DaemonError, DaemonUnavailable) as exc:
@@ -79,7 +92,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 def _check_size(model_size: str, config: str | None) -> None:
     """A size that differs from a configured one only in case is a typo: say so, as a
     usage error, instead of searching for a server that cannot exist."""
-    loaded, _, _ = _load(config)
+    loaded, _, _ = _load(config, hint=CLI_CONFIG_HINT)
     sizes = sorted({s.model_size for s in loaded.servers}) if loaded else []
     if not sizes or model_size in sizes:
         return
@@ -108,14 +121,15 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[_fmt(v) for v in row] for row in rows]
-    widths = [len(h) for h in headers]
-    for row in cells:
-        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
-    for row in [list(headers), *cells]:
-        line = "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
-        click.echo(line.rstrip())
+def _table(columns: Sequence[Column | str], rows: Sequence[Sequence[Any]]) -> None:
+    """Aligned columns fitted to the terminal like ``modelserverd``'s tables: free
+    text cut at a word with ``…``, then columns marked ``drop`` left out (a pipe
+    gets whole rows unless ``$COLUMNS`` is set)."""
+    cols = [c if isinstance(c, Column) else Column(c) for c in columns]
+    for line in table_lines(
+        cols, [[_fmt(v) for v in row] for row in rows], output_width(sys.stdout)
+    ):
+        click.echo(line)
 
 
 def _echo_json(obj: Any) -> None:
@@ -126,7 +140,7 @@ class _Setup:
     """The config (when readable) and the daemon socket, shared by the commands."""
 
     def __init__(self, config: str | None):
-        self.config, self.path, self.problems = _load(config)
+        self.config, self.path, self.problems = _load(config, hint=CLI_CONFIG_HINT)
         self.socket = (self.config.daemon if self.config else DaemonConfig()).socket
         self.daemon = DaemonClient(self.socket)
 
@@ -344,7 +358,15 @@ def best(model_size: str, as_json: bool, config: str | None) -> None:
     for rank, obj in enumerate(candidates, 1):
         s = ServerInfo.from_daemon(obj)
         rows.append(
-            [rank, s.name, s.address, s.state, s.latency_s, s.ttft_s, s.latency_per_token_s]
+            [
+                rank,
+                s.name,
+                s.address,
+                s.state,
+                seconds(s.latency_s),
+                seconds(s.ttft_s),
+                seconds(s.latency_per_token_s),
+            ]
         )
     _table(["#", "NAME", "ADDRESS", "STATE", "LATENCY_S", "TTFT_S", "S_PER_TOKEN"], rows)
 
@@ -354,10 +376,12 @@ def best(model_size: str, as_json: bool, config: str | None) -> None:
 @config_option
 @_errors
 def servers(as_json: bool, config: str | None) -> None:
-    """Every configured server with its state and latency.
+    """Every configured server with its state, latency and restarts in 24 h.
 
     Asks the daemon; without it, probes every server of the config once and
-    shows which answered (and says so on stderr).
+    shows which answered (and says so on stderr). The columns are those of
+    `modelserverd status`: LATENCY_S only for a ready or unhealthy server,
+    RESTARTS_24H over the last 24 hours, LAST_ERROR with its age when known.
 
     \b
     Example:
@@ -365,8 +389,10 @@ def servers(as_json: bool, config: str | None) -> None:
         ms-client servers --json | jq '.servers[] | select(.state != "ready") | .name'
     """
     setup = _Setup(config)
+    restarts: list[dict[str, Any]] | None = None
     try:
         found = setup.daemon.servers()
+        restarts = _restarts(setup.daemon)
     except DaemonUnavailable as exc:
         setup.need_config(exc)
         found = []
@@ -374,6 +400,11 @@ def servers(as_json: bool, config: str | None) -> None:
             obj = result.measured.as_api_object()
             obj["last_error"] = result.error
             found.append(obj)
+    now = time.time()
+    recent = restarts_since(restarts or [], now - RESTART_WINDOW_S)
+    if restarts is not None:
+        for s in found:
+            s["restarts_24h"] = recent.get(str(s.get("name")), 0)
     if as_json:
         _echo_json({"servers": found})
         return
@@ -384,13 +415,34 @@ def servers(as_json: bool, config: str | None) -> None:
             ServerInfo.from_daemon(s).address,
             s.get("state"),
             s.get("pid"),
-            s.get("restarts"),
-            s.get("latency_s"),
-            s.get("last_error"),
+            s.get("restarts_24h"),
+            latency_cell(s),
+            error_cell(s, error_time(str(s.get("name")), s.get("last_error"), restarts or []), now),
         ]
         for s in found
     ]
-    _table(["NAME", "SIZE", "ADDRESS", "STATE", "PID", "RESTARTS", "LATENCY_S", "LAST_ERROR"], rows)
+    _table(
+        [
+            Column("NAME"),
+            Column("SIZE", drop=3),
+            Column("ADDRESS", drop=4),
+            Column("STATE"),
+            Column("PID", drop=5),
+            Column("RESTARTS_24H", drop=1),
+            Column("LATENCY_S"),
+            Column("LAST_ERROR", flex=True, min_width=24),
+        ],
+        rows,
+    )
+
+
+def _restarts(daemon: DaemonClient) -> list[dict[str, Any]] | None:
+    """The daemon's newest restart rows (for RESTARTS_24H), or None if it serves none."""
+    try:
+        rows = daemon.request("GET", "/v1/restarts?limit=1000").get("restarts")
+    except DaemonError:
+        return None
+    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else None
 
 
 @cli.command()
@@ -462,14 +514,26 @@ def latency(server: str | None, limit: int, as_json: bool, config: str | None) -
             s.get("server"),
             s.get("source"),
             s.get("ok"),
-            s.get("latency_s"),
-            s.get("ttft_s"),
+            seconds(s.get("latency_s")),
+            seconds(s.get("ttft_s")),
             s.get("completion_tokens"),
             s.get("error"),
         ]
         for s in samples
     ]
-    _table(["TS", "SERVER", "SOURCE", "OK", "LATENCY_S", "TTFT_S", "TOKENS", "ERROR"], rows)
+    _table(
+        [
+            Column("TS"),
+            Column("SERVER"),
+            Column("SOURCE", drop=2),
+            Column("OK"),
+            Column("LATENCY_S"),
+            Column("TTFT_S", drop=1),
+            Column("TOKENS", drop=3),
+            Column("ERROR", flex=True),
+        ],
+        rows,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
