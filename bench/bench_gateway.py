@@ -111,6 +111,7 @@ PROBE_MATCH_S = 0.3  # how far from a probe's start its arrival may be dated
 MODELSERVERD = Path(sys.executable).parent / "modelserverd"
 # The scenario's detail (every run, every phase) goes with its first row only.
 SEE_FIRST = {"see": "the detail of the first gateway row"}
+SEE_FIRST_ROW = {"detail": SEE_FIRST}
 
 
 class Gateway(Router):
@@ -644,6 +645,30 @@ def bench_gateway() -> None:
     def missing(key: str) -> str | None:
         return f"not measured: {errors[key]}" if key in errors else None
 
+    def compare(
+        metric: str,
+        unit: str,
+        ours: Result | None,
+        peer: Result | None,
+        attr: str,
+        *,
+        target: str | None = None,
+        note: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """One row: ``attr`` of our run against the peer's, lower is better."""
+        measured = row(
+            "gateway",
+            metric,
+            unit,
+            val(ours, attr),
+            better="lower",
+            target=target,
+            sglang_router=val(peer, attr),
+            note=note,
+        )
+        emit({**measured, **(extra or SEE_FIRST_ROW)})
+
     hang_words = "the chosen server hangs (port open, no answer)"
     both = (
         "ours: the gateway with the daemon keeping its list; sglang-router: the gateway "
@@ -654,70 +679,46 @@ def bench_gateway() -> None:
     note = missing("hang_daemon") or missing("hang_unwatched")
     if hd is not None and hu is not None and hd.failed > 0.2 * hu.failed:
         note = _hang_failed_note(hd, hu, defaults)
-    emit(
-        {
-            **row(
-                "gateway",
-                f"hang: requests failed through the gateway ({hang_words}; 20 requests/s, "
-                f"{WINDOW_S:g} s window; {both})",
-                "requests",
-                val(hd, "failed"),
-                better="lower",
-                target=target_failed,
-                sglang_router=val(hu, "failed"),
-                note=note,
-            ),
-            "remark": _remark(hu, ha, hd, sa, sd, defaults),
-            "detail": detail,
-        }
+    compare(
+        f"hang: requests failed through the gateway ({hang_words}; 20 requests/s, "
+        f"{WINDOW_S:g} s window; {both})",
+        "requests",
+        hd,
+        hu,
+        "failed",
+        target=target_failed,
+        note=note,
+        extra={"remark": _remark(hu, ha, hd, sa, sd, defaults), "detail": detail},
     )
-    emit(
-        {
-            **row(
-                "gateway",
-                "hang: requests failed through the gateway with the daemon killing and "
-                "relaunching the hung server but not keeping the gateway's list (ours); "
-                "sglang-router: the gateway alone, as above",
-                "requests",
-                val(ha, "failed"),
-                better="lower",
-                sglang_router=val(hu, "failed"),
-                note=missing("hang_alone"),
-            ),
-            "detail": SEE_FIRST,
-        }
+    compare(
+        "hang: requests failed through the gateway with the daemon killing and "
+        "relaunching the hung server but not keeping the gateway's list (ours); "
+        "sglang-router: the gateway alone, as above",
+        "requests",
+        ha,
+        hu,
+        "failed",
+        note=missing("hang_alone"),
     )
     # The rows below compare the daemon keeping the list with the gateway keeping its
     # own (the daemon supervising the servers in both).
-    emit(
-        {
-            **row(
-                "gateway",
-                "hang: requests that reached the hung server in the fault window (its own "
-                "counter, less the daemon's probes)",
-                "requests",
-                val(hd, "sent_to_faulty"),
-                better="lower",
-                sglang_router=val(ha, "sent_to_faulty"),
-                note=missing("hang_daemon") or _behind(hd, ha, "sent_to_faulty", "requests"),
-            ),
-            "detail": SEE_FIRST,
-        }
+    compare(
+        "hang: requests that reached the hung server in the fault window (its own "
+        "counter, less the daemon's probes)",
+        "requests",
+        hd,
+        ha,
+        "sent_to_faulty",
+        note=missing("hang_daemon") or _behind(hd, ha, "sent_to_faulty", "requests"),
     )
-    emit(
-        {
-            **row(
-                "gateway",
-                f"hang: time until no request reaches the hung server (the window, "
-                f"{WINDOW_S:g} s, if it never stopped)",
-                "s",
-                val(hd, "until_none_s"),
-                better="lower",
-                sglang_router=val(ha, "until_none_s"),
-                note=missing("hang_daemon") or _behind(hd, ha, "until_none_s", "s"),
-            ),
-            "detail": SEE_FIRST,
-        }
+    compare(
+        f"hang: time until no request reaches the hung server (the window, "
+        f"{WINDOW_S:g} s, if it never stopped)",
+        "s",
+        hd,
+        ha,
+        "until_none_s",
+        note=missing("hang_daemon") or _behind(hd, ha, "until_none_s", "s"),
     )
     after_note = missing("hang_daemon")
     if hd is not None and hd.after_detection is None:
@@ -727,21 +728,15 @@ def bench_gateway() -> None:
             f"{hd.after_detection} request(s) reached the hung server after the daemon "
             f"took it out of ready ({hd.detail.get('left_ready_after_s')} s after the fault)"
         )
-    emit(
-        {
-            **row(
-                "gateway",
-                f"hang: requests that reached the hung server after the daemon took it out "
-                f"of ready (the stream goes on until {TAIL_AFTER_S:g} s after that)",
-                "requests",
-                val(hd, "after_detection"),
-                better="lower",
-                target="<= 0",
-                sglang_router=val(ha, "after_detection"),
-                note=after_note,
-            ),
-            "detail": SEE_FIRST,
-        }
+    compare(
+        f"hang: requests that reached the hung server after the daemon took it out "
+        f"of ready (the stream goes on until {TAIL_AFTER_S:g} s after that)",
+        "requests",
+        hd,
+        ha,
+        "after_detection",
+        target="<= 0",
+        note=after_note,
     )
     stop_note = missing("stop_daemon")
     if sd is not None and sd.failed:
@@ -749,52 +744,34 @@ def bench_gateway() -> None:
             f"{sd.failed} request(s) failed during `modelserverd stop` "
             f"({'; '.join(sd.detail['errors']) or 'no error text'})"
         )
-    emit(
-        {
-            **row(
-                "gateway",
-                "graceful stop under traffic: requests failed (ours: `modelserverd stop`; "
-                "the gateway alone: SIGTERM to the server's main process)",
-                "requests",
-                val(sd, "failed"),
-                better="lower",
-                target="<= 0",
-                sglang_router=val(sa, "failed"),
-                note=stop_note,
-            ),
-            "detail": SEE_FIRST,
-        }
+    compare(
+        "graceful stop under traffic: requests failed (ours: `modelserverd stop`; "
+        "the gateway alone: SIGTERM to the server's main process)",
+        "requests",
+        sd,
+        sa,
+        "failed",
+        target="<= 0",
+        note=stop_note,
     )
-    emit(
-        {
-            **row(
-                "gateway",
-                "graceful stop: requests that reached the server after the stop began, in "
-                "the window (ours: from the daemon's ready -> stopping; alone: from the "
-                "SIGTERM)",
-                "requests",
-                val(sd, "sent_to_faulty"),
-                better="lower",
-                sglang_router=val(sa, "sent_to_faulty"),
-                note=missing("stop_daemon") or _behind(sd, sa, "sent_to_faulty", "requests"),
-            ),
-            "detail": SEE_FIRST,
-        }
+    compare(
+        "graceful stop: requests that reached the server after the stop began, in "
+        "the window (ours: from the daemon's ready -> stopping; alone: from the "
+        "SIGTERM)",
+        "requests",
+        sd,
+        sa,
+        "sent_to_faulty",
+        note=missing("stop_daemon") or _behind(sd, sa, "sent_to_faulty", "requests"),
     )
-    emit(
-        {
-            **row(
-                "gateway",
-                "graceful stop: time until no request reaches the server (the rest of the "
-                "window if it never stopped)",
-                "s",
-                val(sd, "until_none_s"),
-                better="lower",
-                sglang_router=val(sa, "until_none_s"),
-                note=missing("stop_daemon") or _behind(sd, sa, "until_none_s", "s"),
-            ),
-            "detail": SEE_FIRST,
-        }
+    compare(
+        "graceful stop: time until no request reaches the server (the rest of the "
+        "window if it never stopped)",
+        "s",
+        sd,
+        sa,
+        "until_none_s",
+        note=missing("stop_daemon") or _behind(sd, sa, "until_none_s", "s"),
     )
 
 

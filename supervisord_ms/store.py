@@ -570,19 +570,8 @@ class Store:
     ) -> list[dict[str, Any]]:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, not {limit}")
-        where, params = [], []
-        if server is not None:
-            where.append("server = ?")
-            params.append(server)
-        if since is not None:
-            where.append("ts >= ?")
-            params.append(iso_utc(since))
-        sql = f"SELECT * FROM {table}"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY ts DESC, id DESC LIMIT ?"
-        params.append(int(limit))
-        return self._query(sql, params)
+        clause, params = _recent_clause(server, since, limit)
+        return self._query(f"SELECT * FROM {table}{clause}", params)
 
     def servers(self) -> list[dict[str, Any]]:
         """All server rows by name; JSON columns decoded to lists, ``local`` a bool."""
@@ -1432,6 +1421,21 @@ class StoreWriter:
         return count
 
 
+def _recent_clause(server: str | None, since: float | None, limit: int) -> tuple[str, list[Any]]:
+    """``WHERE ... ORDER BY ... LIMIT ?`` for the newest rows of a history table (one
+    server's, since a time), and its parameters."""
+    where: list[str] = []
+    params: list[Any] = []
+    if server is not None:
+        where.append("server = ?")
+        params.append(server)
+    if since is not None:
+        where.append("ts >= ?")
+        params.append(iso_utc(since))
+    clause = (" WHERE " + " AND ".join(where)) if where else ""
+    return f"{clause} ORDER BY ts DESC, id DESC LIMIT ?", [*params, int(limit)]
+
+
 # --------------------------------------------------------------------------
 # Reading without write access (`modelserverd history` run by any user)
 
@@ -1459,14 +1463,7 @@ def read_history(
         conn = sqlite3.connect(f"{p.as_uri()}?{mode}", uri=True, timeout=BUSY_TIMEOUT_S)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open the state database {p} to read: {exc}") from exc
-    where, params = [], []
-    if server is not None:
-        where.append("server = ?")
-        params.append(server)
-    if since is not None:
-        where.append("ts >= ?")
-        params.append(iso_utc(since))
-    clause = (" WHERE " + " AND ".join(where)) if where else ""
+    recent, params = _recent_clause(server, since, limit)
 
     def rows(sql: str, args: Iterable[Any] = ()) -> list[dict[str, Any]]:
         cursor = conn.execute(sql, tuple(args))
@@ -1475,10 +1472,9 @@ def read_history(
 
     try:
         conn.execute("BEGIN")  # one snapshot for the three reads
-        recent = f"{clause} ORDER BY ts DESC, id DESC LIMIT ?"
         result: dict[str, Any] = {
-            "restarts": rows(f"SELECT * FROM restarts{recent}", [*params, int(limit)]),
-            "events": rows(f"SELECT * FROM events{recent}", [*params, int(limit)]),
+            "restarts": rows(f"SELECT * FROM restarts{recent}", params),
+            "events": rows(f"SELECT * FROM events{recent}", params),
             "servers": sorted(
                 r["name"]
                 for r in rows(
