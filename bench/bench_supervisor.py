@@ -61,6 +61,7 @@ from common import (  # noqa: E402
 
 from supervisord_ms.config import SGLANG_HEALTH_TIMEOUT_DEFAULT as SGLANG_HEALTH_DEFAULT_S  # noqa: E402
 from supervisord_ms.sim.options import DEFAULT_DRAIN_POLL_S  # noqa: E402
+from supervisord_ms.supervisor import LOAD_INTERVAL_S  # noqa: E402
 
 PY = sys.executable
 # Simulators that are ready at once and hold little simulated GPU memory.
@@ -678,15 +679,17 @@ def bench_scale(count: int = 64, window_s: float = 20.0) -> None:
     detail["descendant_scan_ms"] = round(scan_ms, 2)
     detail["host_processes"] = host_processes
     if not meets(cpu, cpu_target):
-        scan_share = scan_ms / 1000 * count / probe_interval * 100
+        load_rate = count / min(LOAD_INTERVAL_S, probe_interval)
         cpu_note = (
-            f"before each health check (each of the {count} servers every "
-            f"{probe_interval:g} s) the supervisor lists the server's descendants, and "
-            f"psutil's children(recursive=True) reads /proc/<pid>/stat of all "
-            f"{host_processes} processes on the host: {scan_ms:.1f} ms a call here, about "
-            f"{scan_share:.1f} % of a core by itself; the health checks and benchmark probes "
-            f"({2 * count / probe_interval:.0f} HTTP requests/s) and their database rows "
-            "take most of the rest"
+            f"the scheduler watch asks each of the {count} servers for its load every "
+            f"{min(LOAD_INTERVAL_S, probe_interval):g} s ({load_rate:.0f} HTTP requests/s, "
+            "on kept-alive connections), which is what finds a hung scheduler within 5 s "
+            f"at the defaults; the health checks and benchmark probes add "
+            f"{2 * count / probe_interval:.0f} requests/s and their database rows. "
+            f"Each health check also reads who listens on the port (one reading of "
+            f"/proc/net/tcp shared by all servers each second) and lists the server's "
+            f"descendants ({scan_ms:.1f} ms a call here, {host_processes} processes on the "
+            "host)"
         )
     if not meets(rss_mb, rss_target):
         rss_note = f"{rss_mb:.0f} MB resident with {count} servers (Python, aiohttp, SQLite)"

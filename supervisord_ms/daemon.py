@@ -98,6 +98,14 @@ def load_daemon_config(path: str | os.PathLike[str] | None, *, on_host: bool = T
     return check_host(config) if on_host else config
 
 
+# The daemon asks every server for its load each second: a connection per question
+# would leave thousands of sockets in TIME_WAIT on a host with many servers (which
+# also makes every reading of /proc/net/tcp slower). An idle connection is kept this
+# long, below the 5 s after which SGLang's uvicorn closes one (timeout_keep_alive in
+# http_server.py), so the daemon never reuses one the server is closing.
+HTTP_KEEPALIVE_S = 2.0
+
+
 class Daemon:
     def __init__(self, config: Config):
         self.config = config
@@ -121,7 +129,9 @@ class Daemon:
     async def run(self) -> int:
         """Serve until SIGTERM; every resource is released even when start-up fails."""
         self.writer.start()
-        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
+        self.http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=HTTP_KEEPALIVE_S)
+        )
         try:
             return await self._serve()
         finally:

@@ -44,6 +44,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -671,8 +672,25 @@ def _decode_address(hex_address: str) -> ipaddress.IPv4Address | ipaddress.IPv6A
     return address
 
 
-def listeners(port: int) -> list[Listener]:
-    """Every listening TCP socket on ``port``, any address (IPv4 and IPv6)."""
+# How old a reading of the listening sockets the periodic checks may use. Every
+# server's health check asks who listens on its port; reading /proc/net/tcp costs the
+# kernel time in proportion to every socket on the host (a busy host has thousands in
+# TIME_WAIT), so one reading serves every server's check for this long.
+LISTEN_TABLE_MAX_AGE_S = 1.0
+_listen_table: tuple[float, dict[int, list[Listener]]] | None = None
+_listen_table_lock = threading.Lock()
+
+
+def listeners(port: int, *, max_age_s: float = 0.0) -> list[Listener]:
+    """Every listening TCP socket on ``port``, any address (IPv4 and IPv6); from a
+    reading of the whole table up to ``max_age_s`` old when that is allowed."""
+    global _listen_table
+    if max_age_s > 0:
+        with _listen_table_lock:
+            now = time.monotonic()
+            if _listen_table is None or now - _listen_table[0] > max_age_s:
+                _listen_table = (now, _read_listen_table())
+            return list(_listen_table[1].get(port, ()))
     found = []
     needle = f":{port:04X} "
     for table in ("tcp", "tcp6"):
@@ -696,6 +714,32 @@ def listeners(port: int) -> list[Listener]:
             except ValueError:
                 continue
     return found
+
+
+def _read_listen_table() -> dict[int, list[Listener]]:
+    """Every listening TCP socket on the host, by port."""
+    by_port: dict[int, list[Listener]] = {}
+    for table in ("tcp", "tcp6"):
+        data = _read(f"{PROC}/net/{table}", f"read /proc/net/{table}")
+        if not data:
+            continue
+        for line in data.decode("ascii", "replace").splitlines()[1:]:
+            # The state column alone is " 0A " (TCP_LISTEN): addresses are 8 or 32
+            # hex digits with a port after a colon, never two on their own.
+            if " 0A " not in line:
+                continue
+            parts = line.split()
+            if len(parts) < 10 or parts[3] != "0A":
+                continue
+            address, _, port_hex = parts[1].partition(":")
+            try:
+                entry = Listener(
+                    str(_decode_address(address)), int(port_hex, 16), int(parts[7]), int(parts[9])
+                )
+            except ValueError:
+                continue
+            by_port.setdefault(entry.port, []).append(entry)
+    return by_port
 
 
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -743,10 +787,12 @@ def catches(listener_address: str, ip: str) -> bool:
     return _takes(listener_address, _targets(ip))
 
 
-def listeners_for(ip: str, port: int) -> list[Listener]:
+def listeners_for(ip: str, port: int, *, max_age_s: float = 0.0) -> list[Listener]:
     """The listening sockets that take the connections made to ``ip:port``."""
     targets = _targets(ip)
-    return [entry for entry in listeners(port) if _takes(entry.address, targets)]
+    return [
+        entry for entry in listeners(port, max_age_s=max_age_s) if _takes(entry.address, targets)
+    ]
 
 
 def socket_inodes(pid: int) -> set[int]:
@@ -784,12 +830,18 @@ def socket_owners(inodes: Iterable[int], pids: Iterable[int] | None = None) -> d
 
 
 def check_listeners(
-    ip: str, port: int, tree: Callable[[], Iterable[int]], known: Iterable[int] = ()
+    ip: str,
+    port: int,
+    tree: Callable[[], Iterable[int]],
+    known: Iterable[int] = (),
+    *,
+    max_age_s: float = 0.0,
 ) -> ListenerCheck:
     """Which of the sockets that take connections for ``ip:port`` are the server's
     own: held by a pid of ``tree()`` (its process tree; only called when a socket
-    not in ``known``, the inodes found to be its own before, listens)."""
-    found = listeners_for(ip, port)
+    not in ``known``, the inodes found to be its own before, listens). ``max_age_s``:
+    see :func:`listeners`."""
+    found = listeners_for(ip, port, max_age_s=max_age_s)
     inodes = {entry.inode for entry in found}
     ours = inodes & set(known)
     unknown = inodes - ours

@@ -760,8 +760,10 @@ class ServerSupervisor:
                 self.set_state(states.READY, f"/health answered 200 (pid {self.record.pid})")
                 return None
 
-    async def _port_check(self) -> launcher.ListenerCheck:
-        """Who listens on the server's ip:port: its own process tree, or others."""
+    async def _port_check(self, max_age_s: float = 0.0) -> launcher.ListenerCheck:
+        """Who listens on the server's ip:port: its own process tree, or others; from
+        a reading of the host's listening sockets up to ``max_age_s`` old (the ready
+        server's periodic checks share one reading, see launcher.listeners)."""
         owned, recorded = self.owned, list(self.recorded)
 
         def tree() -> list[int]:
@@ -771,7 +773,12 @@ class ServerSupervisor:
             return pids
 
         check = await asyncio.to_thread(
-            launcher.check_listeners, self.server.ip, self.server.port, tree, self._own_inodes
+            launcher.check_listeners,
+            self.server.ip,
+            self.server.port,
+            tree,
+            self._own_inodes,
+            max_age_s=max_age_s,
         )
         self._own_inodes = check.ours
         return check
@@ -1046,7 +1053,12 @@ class ServerSupervisor:
         """One health check of a ready server: /health, then who listens on its port."""
         try:
             status = await self._health(timeout_s)
-            port = await self._port_check() if status is not None else None
+            port = None
+            if status is not None:
+                port = await self._port_check(launcher.LISTEN_TABLE_MAX_AGE_S)
+                if port.foreign or not port.ours:
+                    # A verdict against the server rests on a fresh reading.
+                    port = await self._port_check()
         except LocalResourceError as exc:
             return _Check("local", str(exc))
         if port is not None and port.foreign:

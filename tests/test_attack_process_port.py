@@ -116,6 +116,20 @@ def test_a_listener_of_the_servers_own_tree_is_its_own():
         assert again == check
 
 
+def test_one_reading_of_the_listening_sockets_serves_the_periodic_checks():
+    """Health checks share a reading up to LISTEN_TABLE_MAX_AGE_S old; a check that
+    must be current (the default) reads again."""
+    launcher.listeners(1, max_age_s=60.0)  # a reading from before the socket exists
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert launcher.listeners(port, max_age_s=60.0) == []
+        fresh = launcher.listeners(port)
+        assert [(e.address, e.port) for e in fresh] == [("127.0.0.1", port)]
+        assert launcher.listeners(port, max_age_s=1e-9) == fresh  # too old: read again
+
+
 @pytest.mark.parametrize(
     ("listener", "ip", "takes"),
     [

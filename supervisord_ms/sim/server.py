@@ -87,6 +87,8 @@ FAULT_MODES = (
 # The busy fault's defaults: a long queue ahead, a first token tens of seconds away.
 BUSY_QUEUED = 200
 BUSY_FIRST_TOKEN_S = 30.0
+# entrypoints/http_server.py: uvicorn.run(..., timeout_keep_alive=5).
+KEEPALIVE_TIMEOUT_S = 5.0
 # The long_step fault's default length.
 LONG_STEP_S = 5.0
 JSON_TYPE = "application/json"
@@ -1180,12 +1182,15 @@ async def _serve_phases(sim: Simulator, stop: asyncio.Event) -> int:
 
     # handler_cancellation: a client that goes away aborts its request, even one still
     # queued, as SGLang's tokenizer manager aborts a request whose connection closed.
+    # keepalive_timeout: SGLang's uvicorn closes a connection idle for 5 s
+    # (entrypoints/http_server.py, uvicorn.run(..., timeout_keep_alive=5)).
     runner = web.AppRunner(
         sim.app(),
         access_log=None,
         handle_signals=False,
         shutdown_timeout=1.0,
         handler_cancellation=True,
+        keepalive_timeout=KEEPALIVE_TIMEOUT_S,
     )
     await runner.setup()
     site = web.TCPSite(runner, opts.host, opts.port, backlog=2048)
