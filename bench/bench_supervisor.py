@@ -61,7 +61,7 @@ from common import (  # noqa: E402
 
 from supervisord_ms.config import SGLANG_HEALTH_TIMEOUT_DEFAULT as SGLANG_HEALTH_DEFAULT_S  # noqa: E402
 from supervisord_ms.sim.options import DEFAULT_DRAIN_POLL_S  # noqa: E402
-from supervisord_ms.supervisor import LOAD_INTERVAL_S  # noqa: E402
+from supervisord_ms.supervisor import IDLE_LOAD_INTERVAL_S, LOAD_INTERVAL_S  # noqa: E402
 
 PY = sys.executable
 # Simulators that are ready at once and hold little simulated GPU memory.
@@ -679,12 +679,13 @@ def bench_scale(count: int = 64, window_s: float = 20.0) -> None:
     detail["descendant_scan_ms"] = round(scan_ms, 2)
     detail["host_processes"] = host_processes
     if not meets(cpu, cpu_target):
-        load_rate = count / min(LOAD_INTERVAL_S, probe_interval)
+        idle_every = min(IDLE_LOAD_INTERVAL_S, probe_interval)
         cpu_note = (
-            f"the scheduler watch asks each of the {count} servers for its load every "
-            f"{min(LOAD_INTERVAL_S, probe_interval):g} s ({load_rate:.0f} HTTP requests/s, "
-            "on kept-alive connections), which is what finds a hung scheduler within 5 s "
-            f"at the defaults; the health checks and benchmark probes add "
+            f"the scheduler watch asks each of the {count} idle servers for its load every "
+            f"{idle_every:g} s ({count / idle_every:.0f} HTTP requests/s, on kept-alive "
+            f"connections; every {min(LOAD_INTERVAL_S, probe_interval):g} s while a server "
+            "has requests), which is what finds a hung scheduler within seconds; the health "
+            "checks and benchmark probes add "
             f"{2 * count / probe_interval:.0f} requests/s and their database rows. "
             f"Each health check also reads who listens on the port (one reading of "
             f"/proc/net/tcp shared by all servers each second) and lists the server's "

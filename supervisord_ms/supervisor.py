@@ -50,9 +50,13 @@ log = logging.getLogger("modelserverd")
 
 # How long a stop waits for the gateway to drop the server before the SIGTERM.
 GATEWAY_SETTLE_S = 2.0
-# How often a ready server's scheduler is asked for its load (never more often than
-# probe_interval_s): the answers spread the fleet's traffic and prove it alive.
+# How often a ready server's scheduler is asked for its load (never less often than
+# probe_interval_s): the answers spread the fleet's traffic and prove it alive ...
 LOAD_INTERVAL_S = 1.0
+# ... and while its last answer showed nothing running or queued: an idle server's load
+# changes only when traffic arrives (the next answer shows it), and a hang is still
+# found within about the silence limit plus this.
+IDLE_LOAD_INTERVAL_S = 3.0
 # How often a waiting server rechecks its GPUs and port, and a starting one its /health.
 RECHECK_S = 1.0
 STARTUP_POLL_S = 0.25
@@ -821,6 +825,7 @@ class ServerSupervisor:
         load = _LoadWatch(time.monotonic())
         next_check = time.monotonic() + d.probe_interval_s
         load_every = min(LOAD_INTERVAL_S, d.probe_interval_s)
+        idle_every = min(IDLE_LOAD_INTERVAL_S, d.probe_interval_s)
         next_load = time.monotonic() + load_every
         last_refresh = time.monotonic()
         failures = timeouts = 0
@@ -861,7 +866,9 @@ class ServerSupervisor:
                         load.sent_at = now
                         if load.pending_since is None:
                             load.pending_since = now
-                    next_load = now + load_every
+                    r = self.record
+                    idle = not (r.running or r.queued) and r.load_checked_at is not None
+                    next_load = now + (idle_every if idle else load_every)
                 if liveness.scheduler_hung(
                     last_answer_at=load.last_answer_at,
                     pending_since=load.pending_since,
