@@ -650,8 +650,9 @@ class RateLimiter:
 
 
 class HistoryReads:
-    """History reads (``/v1/latency``, ``/v1/restarts``) run in a small pool of their
-    own, never on the event loop: the rows and their JSON are built in the thread.
+    """History reads (``/v1/latency``, ``/v1/restarts``, ``/v1/events``) run in a
+    small pool of their own, never on the event loop: the rows and their JSON are
+    built in the thread.
     At most ``MAX_HISTORY_READS`` run at once and ``MAX_HISTORY_WAITERS`` wait for a
     turn; beyond that a read is refused at once. A read whose client hangs up while
     it waits never starts (aiohttp cancels the handler); one already running keeps
@@ -700,7 +701,8 @@ class HistoryReads:
 
 
 def _history_handler(read: str, field: str) -> Callable[[web.Request], Any]:
-    """GET /v1/latency and /v1/restarts: newest rows first, for one server or all."""
+    """GET /v1/latency, /v1/restarts and /v1/events: newest rows first, for one server
+    or all."""
 
     async def handler(request: web.Request) -> web.Response:
         ctx = _ctx(request)
@@ -1057,6 +1059,7 @@ def build_app(ctx: ApiContext) -> web.Application:
     r.add_post("/v1/samples", _samples)
     r.add_get("/v1/latency", _history_handler("latency_samples", "samples"))
     r.add_get("/v1/restarts", _history_handler("restarts", "restarts"))
+    r.add_get("/v1/events", _history_handler("events", "events"))
     for action in ("restart", "stop", "start"):
         r.add_post(f"/v1/servers/{{name}}/{action}", _action_handler(action))
     r.add_post("/v1/reload", _reload)

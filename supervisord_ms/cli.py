@@ -522,11 +522,10 @@ class _NoHistory(Exception):
 def _read_history(
     config: Config, server: str | None, cutoff: str, limit: int
 ) -> tuple[dict[str, Any], str | None]:
-    """The history since ``cutoff`` (ISO text), and a note when it is not whole.
+    """The history since ``cutoff`` (ISO text), and a note when it came from the daemon.
 
     From state.db, read-only: any user who may read the file, none needs to write
-    its folder. Else the restarts come from the daemon, which answers whoever may
-    use its socket (it serves no events)."""
+    its folder. Else from the daemon, which answers whoever may use its socket."""
     from .store import StoreError, parse_iso, read_history
 
     db = config.daemon.state_db
@@ -537,20 +536,21 @@ def _read_history(
     else:
         _check_known(config, server, data["servers"], db)
         return data, None
-    query = f"/v1/restarts?limit={min(limit, 1000)}"
+    query = f"?limit={min(limit, 1000)}"
     if server is not None:
         query += f"&server={urllib.parse.quote(server)}"
-    try:
-        rows = call(config.daemon.socket, "GET", query)["restarts"]
-    except DaemonUnreachable as exc:
-        raise _NoHistory(f"{why}; and {exc}") from None
-    except ApiError as exc:
-        if exc.status == 404 and server is not None:
-            _check_known(config, server, [], db)
-        raise _NoHistory(f"{why}; and the daemon answered: {exc}") from None
-    restarts = [r for r in rows if str(r.get("ts", "")) >= cutoff]
-    note = f"{why}: the restarts come from the daemon, which serves no events"
-    return {"restarts": restarts, "events": []}, note
+    data = {}
+    for table in ("restarts", "events"):
+        try:
+            rows = call(config.daemon.socket, "GET", f"/v1/{table}{query}")[table]
+        except DaemonUnreachable as exc:
+            raise _NoHistory(f"{why}; and {exc}") from None
+        except ApiError as exc:
+            if exc.status == 404 and server is not None:
+                _check_known(config, server, [], db)
+            raise _NoHistory(f"{why}; and the daemon answered: {exc}") from None
+        data[table] = [r for r in rows if str(r.get("ts", "")) >= cutoff]
+    return data, f"{why}: the history comes from the daemon"
 
 
 def _unreadable(db: str, exc: Exception) -> str:
@@ -589,7 +589,7 @@ def history(
     """Restarts and events (state changes, reloads), newest first.
 
     Read from the state database, read-only, so any user who may read the file
-    can run it; otherwise the restarts come from the daemon. Messages are cut at
+    can run it; otherwise from the daemon. Messages are cut at
     a word to fit the terminal ($COLUMNS); --json has them whole.
 
     Example:
@@ -641,8 +641,6 @@ def history(
         )
     else:
         click.echo(f"No restarts since {window}.")
-    if note:
-        return
     if events:
         click.echo(f"\nEvents since {window}:")
         print_table(

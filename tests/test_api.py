@@ -633,6 +633,17 @@ def test_restarts_history(api: ApiServer) -> None:
     assert api.get("/v1/restarts?server=ghost").status == 404
 
 
+def test_events_history(api: ApiServer) -> None:
+    api.writer.add_event(server="a", kind="state", old_state="ready", new_state="backoff")
+    api.writer.add_event(server=None, kind="reload", message="unchanged a")
+    assert api.writer.flush(10)
+    rows = api.get("/v1/events?server=a").json["events"]
+    assert [(r["kind"], r["new_state"]) for r in rows] == [("state", "backoff")]
+    assert {r["kind"] for r in api.get("/v1/events").json["events"]} >= {"state", "reload"}
+    assert api.get("/v1/events?limit=0").status == 400
+    assert api.get("/v1/events?server=ghost").status == 404
+
+
 def test_metrics_in_prometheus_text_format(api: ApiServer) -> None:
     api.set_ready("b", 0.25)
     r = api.get("/metrics")

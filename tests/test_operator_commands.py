@@ -250,4 +250,6 @@ def test_history_of_a_host_whose_database_cannot_be_read_comes_from_the_daemon(
         env=_no_columns(),
     )
     assert out.returncode == 0, out.stderr
-    assert "manual" in out.stdout and "the restarts come from the daemon" in out.stderr
+    assert "manual" in out.stdout and "the history comes from the daemon" in out.stderr
+    # the events too: the restart's state changes
+    assert "stopping" in out.stdout and "ready" in out.stdout, out.stdout
