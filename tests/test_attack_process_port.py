@@ -13,19 +13,15 @@ held by the server's own process tree; another listener makes the server
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
 from conftest import free_port
 from daemon_harness import wait_until
+from other_uid import NOBODY, programs_as_nobody
 
 from supervisord_ms import launcher
-
-NOBODY = 65534
 
 # The attacker: an HTTP server that answers 200 to everything (SGLang's /health,
 # /v1/models, completions), as an unprivileged user.
@@ -48,49 +44,10 @@ server.serve_forever()
 """
 
 
-def _python_for_nobody() -> str:
-    """An interpreter another user can run: the distribution's, else this one's base."""
-    for candidate in ("/usr/bin/python3", sys._base_executable, sys.executable):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    raise AssertionError("no python interpreter found")
-
-
 @pytest.fixture
 def as_nobody() -> Iterator:
-    """Start a program as uid 65534 (``setpriv``); every one is killed at teardown."""
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("acting as another user needs root and setpriv")
-    started: list[subprocess.Popen] = []
-
-    def start(code: str, *args: str) -> subprocess.Popen:
-        proc = subprocess.Popen(
-            [
-                "setpriv",
-                f"--reuid={NOBODY}",
-                f"--regid={NOBODY}",
-                "--clear-groups",
-                _python_for_nobody(),
-                "-I",
-                "-c",
-                code,
-                *args,
-            ],
-            stdout=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            cwd="/",
-            start_new_session=True,
-        )
-        started.append(proc)
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line == b"listening\n", f"the attacker did not start: {line!r}"
-        return proc
-
-    yield start
-    for proc in started:
-        proc.kill()
-        proc.wait(10)
+    """Start a program as uid 65534; it prints "listening" once it does."""
+    yield from programs_as_nobody(b"listening\n")
 
 
 def test_a_listener_of_another_user_is_foreign_and_named(as_nobody, port: int):

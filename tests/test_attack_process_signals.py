@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -31,7 +30,7 @@ import psutil
 import pytest
 from conftest import free_port
 from daemon_harness import DaemonUnderTest, wait_until
-from test_attack_process_port import NOBODY, _python_for_nobody
+from other_uid import programs_as_nobody
 
 from supervisord_ms import launcher
 from supervisord_ms.launcher import (
@@ -58,36 +57,16 @@ def _alive(pid: int) -> bool:
 @pytest.fixture
 def victims() -> Iterator:
     """Start sleepers as uid 65534, each leading a session and group of its own."""
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("acting as another user needs root and setpriv")
-    started: list[subprocess.Popen] = []
+    starts = programs_as_nobody(b"ready\n")
+    start = next(starts)
 
-    def start() -> subprocess.Popen:
-        proc = subprocess.Popen(
-            [
-                "setpriv",
-                f"--reuid={NOBODY}",
-                f"--regid={NOBODY}",
-                "--clear-groups",
-                _python_for_nobody(),
-                "-I",
-                "-c",
-                SLEEPER,
-            ],
-            stdout=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            cwd="/",
-            start_new_session=True,
-        )
-        started.append(proc)
-        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    def victim() -> subprocess.Popen:
+        proc = start(SLEEPER)
         assert os.getpgid(proc.pid) == proc.pid
         return proc
 
-    yield start
-    for proc in started:
-        proc.kill()
-        proc.wait(10)
+    yield victim
+    next(starts, None)
 
 
 def _edit_row(d: DaemonUnderTest, **values: object) -> None:
