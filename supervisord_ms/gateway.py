@@ -462,7 +462,7 @@ class GatewaySync:
         daemon registered stay its own after a reload drops them, so they are removed."""
         self._ours.update(normalize_url(u) for u in urls)
 
-    async def set_ready(
+    def set_ready(
         self,
         name: str,
         url: str,
@@ -474,22 +474,10 @@ class GatewaySync:
     ) -> None:
         """Record that server ``name`` (at ``url``) is ready or not, and start
         registering or removing it with every gateway in the background. Returns at
-        once; :meth:`settled` waits for the outcome. ``reason`` goes into the event."""
-        self.set_ready_nowait(name, url, ready, reason, priority=priority, cost=cost)
-
-    def set_ready_nowait(
-        self,
-        name: str,
-        url: str,
-        ready: bool,
-        reason: str = "",
-        *,
-        priority: int | None = None,
-        cost: float | None = None,
-    ) -> None:
-        """:meth:`set_ready` for synchronous code (the supervisor's ``set_state``): the
-        intent is recorded before this returns, so a :meth:`settled` right after it
-        waits for this very change. Needs a running event loop."""
+        once, so synchronous code (the supervisor's ``set_state``) may call it; the
+        intent is recorded before it returns, so a :meth:`settled` right after it
+        waits for this very change. ``reason`` goes into the event. Needs a running
+        event loop."""
         norm = normalize_url(url)
         spec = WorkerSpec(norm, priority, cost) if ready else None
         self._urls[name] = norm

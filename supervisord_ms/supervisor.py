@@ -252,7 +252,7 @@ class ServerSupervisor:
         if gateway is not None and old != new and states.READY in (old, new):
             # Leaving ready takes the server off the gateway at once; coming back
             # puts it on again. The HTTP work runs in the background.
-            gateway.set_ready_nowait(
+            gateway.set_ready(
                 self.name,
                 self.server.url,
                 new == states.READY,

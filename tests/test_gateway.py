@@ -325,7 +325,7 @@ def test_registers_on_ready_without_blocking_the_caller() -> None:
         sync = make_sync(fake.url, events)
         try:
             began = time.monotonic()
-            await sync.set_ready("a", URL_A + "/", True, "became ready")
+            sync.set_ready("a", URL_A + "/", True, "became ready")
             assert time.monotonic() - began < 0.05, "set_ready must not wait for the gateway"
             assert sync.server_state("a") == PENDING
             assert await sync.settled("a", 3.0)
@@ -354,11 +354,11 @@ def test_removes_by_uuid_the_moment_a_server_leaves_ready() -> None:
         events = Events()
         sync = make_sync(fake.url, events)
         try:
-            await sync.set_ready("a", URL_A, True)
+            sync.set_ready("a", URL_A, True)
             assert await sync.settled("a", 3.0)
             wid = fake.id_of(URL_A)
             began = time.monotonic()
-            await sync.set_ready("a", URL_A, False, "unhealthy: scheduler hung")
+            sync.set_ready("a", URL_A, False, "unhealthy: scheduler hung")
             # What a stop does before SIGTERM: wait until the gateway has dropped it.
             assert await sync.settled("a", 2.0)
             assert time.monotonic() - began < 1.0
@@ -380,12 +380,12 @@ def test_registers_again_on_recovery() -> None:
         fake = await FakeGateway().start()
         sync = make_sync(fake.url, Events())
         try:
-            await sync.set_ready("a", URL_A, True)
+            sync.set_ready("a", URL_A, True)
             assert await sync.settled("a", 3.0)
             first = fake.id_of(URL_A)
-            await sync.set_ready("a", URL_A, False, "backoff")
+            sync.set_ready("a", URL_A, False, "backoff")
             assert await sync.settled("a", 3.0)
-            await sync.set_ready("a", URL_A, True, "recovered")
+            sync.set_ready("a", URL_A, True, "recovered")
             assert await sync.settled("a", 3.0)
             assert fake.listed_urls() == [URL_A]
             assert fake.id_of(URL_A) != first  # a new registration, a new id
@@ -406,10 +406,10 @@ def test_leaving_ready_during_a_slow_add_removes_at_once() -> None:
         fake = await FakeGateway(add_delay_s=1.0).start()
         sync = make_sync(fake.url, Events(), confirm_timeout_s=5.0)
         try:
-            await sync.set_ready("a", URL_A, True)
+            sync.set_ready("a", URL_A, True)
             await until(lambda: fake.calls_to("POST"), 2.0, "the POST")
             left = time.monotonic()
-            await sync.set_ready("a", URL_A, False, "hang suspected")
+            sync.set_ready("a", URL_A, False, "hang suspected")
             await until(lambda: fake.calls_to("DELETE"), 2.0, "the DELETE")
             assert fake.calls_to("DELETE")[0].at - left < 0.5, "the removal waited for the add"
             assert await sync.settled("a", 3.0)
@@ -429,7 +429,7 @@ def test_a_server_that_leaves_ready_during_a_sync_is_not_registered_by_it() -> N
         try:
             syncing = asyncio.ensure_future(sync.reconcile({"a": URL_A}))
             await asyncio.sleep(0.1)  # GET /workers is on its way with "a" ready
-            sync.set_ready_nowait("a", URL_A, False, "hang suspected")
+            sync.set_ready("a", URL_A, False, "hang suspected")
             assert await syncing
             await sync.settled("a", 2.0)
             assert fake.calls_to("POST") == [] and fake.listed_urls() == []
@@ -527,7 +527,7 @@ def test_unreachable_gateway_is_retried_with_backoff_and_reported() -> None:
         task = asyncio.ensure_future(sync.run(stop, lambda: {"a": URL_A}, 0.2))
         try:
             began = time.monotonic()
-            await sync.set_ready("a", URL_A, True, "ready")
+            sync.set_ready("a", URL_A, True, "ready")
             assert time.monotonic() - began < 0.05
             await until(attempt_seen, 5.0, "five attempts")
             took = time.monotonic() - began
@@ -587,7 +587,7 @@ def test_api_key_is_sent_as_a_bearer_token_and_never_reported() -> None:
         good = make_sync(fake.url, events, api_key="s3cret-key", worker_api_key="w0rker-key")
         bad = make_sync(fake.url, events, api_key="wrong-key")
         try:
-            await good.set_ready("a", URL_A, True)
+            good.set_ready("a", URL_A, True)
             assert await good.settled("a", 3.0)
             assert fake.listed_urls() == [URL_A]
             assert {c.authorization for c in fake.calls} == {"Bearer s3cret-key"}
@@ -614,7 +614,7 @@ def test_a_gateway_that_does_not_answer_times_out() -> None:
         sync = make_sync(fake.url, events, request_timeout_s=0.3)
         try:
             began = time.monotonic()
-            await sync.set_ready("a", URL_A, True)
+            sync.set_ready("a", URL_A, True)
             assert time.monotonic() - began < 0.05
             assert not await sync.settled("a", 2.0)
             assert time.monotonic() - began < 1.0
@@ -634,7 +634,7 @@ def test_a_failed_add_job_is_reported_and_retried() -> None:
         events = Events()
         sync = make_sync(fake.url, events)
         try:
-            await sync.set_ready("a", URL_A, True)
+            sync.set_ready("a", URL_A, True)
             assert not await sync.settled("a", 3.0)
             entry = sync.status()["servers"]["a"]["gateways"][fake.url]
             assert entry["state"] == ERROR and "health checks failed" in entry["error"]
@@ -656,7 +656,7 @@ def test_priority_and_cost_are_sent_and_updated() -> None:
         fake = await FakeGateway().start()
         sync = make_sync(fake.url, Events())
         try:
-            await sync.set_ready("a", URL_A, True, priority=80, cost=2.5)
+            sync.set_ready("a", URL_A, True, priority=80, cost=2.5)
             assert await sync.settled("a", 3.0)
             assert fake.calls_to("POST")[0].body == {"url": URL_A, "priority": 80, "cost": 2.5}
             wid = fake.id_of(URL_A)
@@ -679,7 +679,7 @@ def test_several_gateways_are_kept_independently() -> None:
         sync = make_sync([up.url, down.url, up.url + "/"], Events())
         assert sync.gateway_urls == [up.url, down.url]
         try:
-            await sync.set_ready("a", URL_A, True)
+            sync.set_ready("a", URL_A, True)
             assert not await sync.settled("a", 3.0)
             assert up.listed_urls() == [URL_A]
             per = sync.status()["servers"]["a"]["gateways"]
@@ -708,7 +708,7 @@ def test_a_registration_left_by_an_earlier_run_is_adopted() -> None:
             assert fake.calls_to("POST") == []
             assert sync.status()["servers"]["a"]["gateways"][fake.url]["worker_id"] == wid
             # The supervisor then reports the adopted server ready: nothing to do.
-            await sync.set_ready("a", URL_A, True, "adopted")
+            sync.set_ready("a", URL_A, True, "adopted")
             assert await sync.settled("a", 1.0)
             assert fake.calls_to("POST") == []
         finally:
@@ -717,7 +717,7 @@ def test_a_registration_left_by_an_earlier_run_is_adopted() -> None:
         # gateway answers the same id and its second add job fails "already exists".
         again = make_sync(fake.url, Events())
         try:
-            await again.set_ready("a", URL_A, True, "adopted")
+            again.set_ready("a", URL_A, True, "adopted")
             assert await again.settled("a", 3.0)
             assert again.server_state("a") == REGISTERED
             assert fake.listed_urls() == [URL_A] and fake.id_of(URL_A) == wid
@@ -733,11 +733,11 @@ def test_set_state_can_record_the_intent_synchronously() -> None:
         fake = await FakeGateway(remove_delay_s=0.2).start()
         sync = make_sync(fake.url, Events())
         try:
-            sync.set_ready_nowait("a", URL_A, True, "ready")
+            sync.set_ready("a", URL_A, True, "ready")
             assert await sync.settled("a", 3.0)
             # What ServerSupervisor does: set_state(STOPPING) then, before SIGTERM,
             # wait for the removal; settled() must see the change already.
-            sync.set_ready_nowait("a", URL_A, False, "stopping: manual stop")
+            sync.set_ready("a", URL_A, False, "stopping: manual stop")
             assert await sync.settled("a", 3.0)
             assert fake.listed_urls() == []
         finally:
@@ -775,7 +775,7 @@ def test_a_failing_event_callback_does_not_stop_the_sync() -> None:
 
         sync = GatewaySync(fake.url, on_event=broken, request_timeout_s=1.0)
         try:
-            await sync.set_ready("a", URL_A, True)
+            sync.set_ready("a", URL_A, True)
             assert await sync.settled("a", 3.0)
         finally:
             await sync.close()
@@ -853,7 +853,7 @@ def test_against_the_real_gateway(sim_factory: Any, tmp_path: Path) -> None:
                 assert router.poll() is None, log_path.read_text(errors="replace")
                 assert time.monotonic() < deadline, "the gateway did not start"
                 await asyncio.sleep(0.2)
-            await sync.set_ready("sim", sim.url, True, "ready")
+            sync.set_ready("sim", sim.url, True, "ready")
             assert await sync.settled("sim", 25.0), (sync.status(), events.rows)
             async with aiohttp.ClientSession() as s:
                 headers = {"Authorization": f"Bearer {key}"}
@@ -869,7 +869,7 @@ def test_against_the_real_gateway(sim_factory: Any, tmp_path: Path) -> None:
             assert listed["url"] == sim.url and is_uuid(listed["id"])
             register = events.of(EVENT_REGISTER)[0][2]
             assert listed["id"] in register and "202" in register
-            await sync.set_ready("sim", sim.url, False, "stopping")
+            sync.set_ready("sim", sim.url, False, "stopping")
             assert await sync.settled("sim", 10.0)
             assert await sync.reconcile({})
             assert sync.status()["gateways"][0]["registered"] == 0
