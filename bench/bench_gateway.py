@@ -92,6 +92,7 @@ from common import (  # noqa: E402
     percentile,
     row,
     run_scenarios,
+    sim_fault,
     wait_for,
     work_dir,
 )
@@ -176,21 +177,6 @@ def _get_json(port: int, path: str, timeout: float = 1.0) -> Any:
         data = resp.read()
         if resp.status != 200:
             raise OSError(f"{path} answered {resp.status}")
-        return json.loads(data)
-    finally:
-        conn.close()
-
-
-def _post_json(port: int, path: str, body: dict[str, Any], timeout: float = 5.0) -> Any:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request(
-            "POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"}
-        )
-        resp = conn.getresponse()
-        data = resp.read()
-        if resp.status != 200:
-            raise OSError(f"{path} answered {resp.status}: {data[:200]!r}")
         return json.loads(data)
     finally:
         conn.close()
@@ -359,7 +345,7 @@ def run_phase(d: BenchDaemon, gw: Gateway, fault: str, managed: bool) -> Result:
         state["gateway_before"] = _dispatches(gw)
         if fault == "hang":
             at = time.monotonic()
-            answer = _post_json(port, "/sim/fault", {"mode": "hang"})
+            answer = sim_fault(port, "hang")
             count = int(answer["requests"]["generation"])
         else:
             count = int(_get_json(port, "/sim/state")["requests"]["generation"])

@@ -59,7 +59,6 @@ import statistics
 import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -76,6 +75,7 @@ from common import (  # noqa: E402
     percentile,
     row,
     run_scenarios,
+    sim_fault,
     wait_for,
     work_dir,
 )
@@ -484,17 +484,6 @@ class Fault:
     healthy_again: float | None = None  # monotonic; a relaunched server once ready
 
 
-def _post_fault(port: int, body: dict[str, Any]) -> None:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/sim/fault",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        resp.read()
-
-
 FAULTS: dict[str, dict[str, Any]] = {
     "hang": {"mode": "hang"},
     "errors": {"mode": "error"},
@@ -508,7 +497,7 @@ def _inject(d: BenchDaemon, kind: str, name: str) -> Fault:
     if kind == "kill":
         os.kill(info["pid"], signal.SIGKILL)
     else:
-        _post_fault(info["port"], FAULTS[kind])
+        sim_fault(info["port"], **FAULTS[kind])
     return Fault(kind, name, info["port"], at, at_wall)
 
 

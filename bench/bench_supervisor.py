@@ -36,7 +36,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,7 @@ from common import (  # noqa: E402
     meets,
     row,
     run_scenarios,
+    sim_fault,
     to_unix,
     wait_for,
     work_dir,
@@ -170,17 +170,6 @@ def bench_restart(kills: int = 9) -> None:
 # --- hang ----------------------------------------------------------------------------------
 
 
-def _fault(port: int, mode: str) -> dict:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/sim/fault",
-        data=json.dumps({"mode": mode}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        return json.loads(resp.read() or b"{}")
-
-
 def _left_ready(d: BenchDaemon, name: str, after: float, timeout: float) -> tuple[float, str, str]:
     """Unix time, new state and message of the first change of ``name`` out of
     ``ready`` after ``after``."""
@@ -226,7 +215,7 @@ def _hang_run(folder: Path, hang_timeout_s: float, count: int) -> dict:
         for i, s in enumerate(servers):
             time.sleep(probe_interval / count if i else 0.0)
             hung_at[s["name"]] = time.time()
-            answer = _fault(s["port"], "scheduler_hang")
+            answer = sim_fault(s["port"], "scheduler_hang")
             if answer.get("mode") != "scheduler_hang":
                 raise RuntimeError(f"{s['name']}: /sim/fault answered {answer}")
         for s in servers:

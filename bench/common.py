@@ -40,7 +40,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from daemon_harness import make_daemon  # noqa: E402
+from daemon_harness import make_daemon, sim_fault  # noqa: E402, F401 - shared with the tests
 from daemon_harness import wait_until as wait_for  # noqa: E402, F401 - shared with the tests
 
 from supervisord_ms.store import parse_iso  # noqa: E402

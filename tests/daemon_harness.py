@@ -72,8 +72,9 @@ def _table(name: str, values: dict[str, Any]) -> list[str]:
     return [f"[{name}]", *(f"{k} = {_toml_value(v)}" for k, v in values.items()), ""]
 
 
-def sim_fault(port: int, mode: str, **extra: Any) -> None:
-    """Change a running simulated server's behaviour (``POST /sim/fault``)."""
+def sim_fault(port: int, mode: str, **extra: Any) -> dict[str, Any]:
+    """Change a running simulated server's behaviour (``POST /sim/fault``); its answer
+    is the simulator's state (``/sim/state``) at that moment."""
     import urllib.request
 
     req = urllib.request.Request(
@@ -82,7 +83,8 @@ def sim_fault(port: int, mode: str, **extra: Any) -> None:
         headers={"Content-Type": "application/json"},
         method="POST",
     )
-    urllib.request.urlopen(req, timeout=5).read()
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return json.loads(resp.read() or b"{}")
 
 
 def wait_until(
