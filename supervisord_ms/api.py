@@ -64,6 +64,9 @@ log = logging.getLogger("modelserverd.api")
 MAX_BODY_BYTES = 1 << 20
 MAX_SAMPLES = 1000
 MAX_CANDIDATES = 64
+# How long /v1/best waits for a starting daemon's adoption: under the client's 3 s
+# for a daemon answer, after which it goes on from the config by itself.
+ADOPTION_WAIT_S = 2.0
 DEFAULT_HISTORY_LIMIT = 100
 # History answers carry at most MAX_HISTORY_ROWS rows: 10,000 rows of samples were
 # 241 MB of JSON. A `limit` up to MAX_HISTORY_LIMIT is still accepted (older
@@ -160,6 +163,10 @@ class ApiContext:
     status: Callable[[], dict]  # version, pid, uptime_s, host addresses, config path
     # The gateway whose worker list the daemon keeps ([gateway]); None: no gateway.
     gateway: GatewaySync | None = None
+    # Set once the daemon has adopted the servers an earlier run left running; until
+    # then /v1/best waits for it (ADOPTION_WAIT_S at most) rather than tell callers
+    # that servers which are serving are not ready. None: nothing to wait for.
+    adopted: asyncio.Event | None = None
 
 
 CTX_KEY: web.AppKey[ApiContext] = web.AppKey("modelserverd_ctx", ApiContext)
@@ -516,6 +523,9 @@ async def _best(request: web.Request) -> web.Response:
     n = _int_param(request, "n", 3, 1, MAX_CANDIDATES)
     key = request.query.get("key") or None
     exclude = [x for x in request.query.get("exclude", "").split(",") if x]
+    if ctx.adopted is not None and not ctx.adopted.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(ctx.adopted.wait(), ADOPTION_WAIT_S)
     ranked = ctx.registry.best(size, n=n, key=key, exclude=exclude)
     mono = time.monotonic()
     now = time.time()

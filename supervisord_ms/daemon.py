@@ -161,6 +161,7 @@ class Daemon:
             log.error(
                 "GPU view unavailable: %s; local servers wait, remote servers are still probed", exc
             )
+        adopted = asyncio.Event()
         api_ctx = ApiContext(
             registry=self.registry,
             store=self.store,
@@ -168,6 +169,7 @@ class Daemon:
             actions=self,
             status=self.status,
             gateway=self.gateway,
+            adopted=adopted,
         )
         self.runner = await serve_unix(
             build_app(api_ctx),
@@ -184,6 +186,7 @@ class Daemon:
             loop.add_signal_handler(sig, handler)
 
         await self._start_supervisors(self.config.managed_servers, adopt=True)
+        adopted.set()
         for record in self.registry.servers.values():
             if not record.config.is_managed:
                 self._save_unmanaged(record)

@@ -1328,12 +1328,33 @@ class ServerSupervisor:
         self.record.pgid = self._adopted_pgid(owned, row.get("pgid"))
         self.record.started_at = _parse_iso(row.get("started_at"))
         self._watch_exit(owned.pid)
+        if row.get("state") == states.READY and await self._serves_its_port():
+            # It was serving when the earlier daemon stopped, and still is: callers
+            # keep it while the ready watch (health, scheduler) checks it again, rather
+            # than being told no server is ready during the first /health.
+            self._refresh_descendants()
+            self._been_ready = True
+            self.set_state(
+                states.READY,
+                f"adopted running pid {owned.pid} from an earlier daemon, which had it "
+                "ready; its front answers on its own port",
+                kind="adopted",
+            )
+            return True
         self.set_state(
             states.STARTING,
             f"adopted running pid {owned.pid} from an earlier daemon; waiting for /health",
             kind="adopted",
         )
         return True
+
+    async def _serves_its_port(self) -> bool:
+        """Whether only the server's own processes listen on its ip:port."""
+        try:
+            check = await self._port_check()
+        except LocalResourceError:
+            return False
+        return bool(check.ours) and not check.foreign
 
     def _adopted_pgid(self, owned: launcher.OwnedProcess, recorded: object) -> int | None:
         """The group to stop with the adopted process: its own, as the kernel says (it

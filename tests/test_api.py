@@ -212,6 +212,7 @@ class ApiServer:
     actions: FakeActions
     loop: LoopThread
     runner: Any = None
+    ctx: ApiContext | None = None
 
     def get(self, url: str, **kw: Any) -> Reply:
         return call(self.sock, "GET", url, **kw)
@@ -273,7 +274,7 @@ def start_api(
         },
     )
     path = sock or str(tmp / "run" / "api.sock")
-    server = ApiServer(path, registry, store, writer, actions, loop)
+    server = ApiServer(path, registry, store, writer, actions, loop, ctx=ctx)
     try:
         server.runner = loop.run(
             serve_unix(
@@ -642,6 +643,23 @@ def test_events_history(api: ApiServer) -> None:
     assert {r["kind"] for r in api.get("/v1/events").json["events"]} >= {"state", "reload"}
     assert api.get("/v1/events?limit=0").status == 400
     assert api.get("/v1/events?server=ghost").status == 404
+
+
+def test_best_waits_for_the_adoption_of_running_servers(api: ApiServer) -> None:
+    """A daemon that has just started has not yet adopted the servers an earlier run
+    left serving: /v1/best waits for that instead of saying none is ready."""
+    assert api.ctx is not None
+    adopted = api.loop.call(asyncio.Event)
+    api.ctx.adopted = adopted
+
+    def adopt() -> None:
+        api.registry.servers["b"].state = states.READY
+        adopted.set()
+
+    api.loop.call(lambda: asyncio.get_running_loop().call_later(0.3, adopt))
+    r = api.get("/v1/best?model_size=8B&n=1")
+    assert r.status == 200, r.json
+    assert [c["name"] for c in r.json["candidates"]] == ["b"]
 
 
 def test_metrics_in_prometheus_text_format(api: ApiServer) -> None:
