@@ -35,6 +35,7 @@ from daemon_harness import PROFILES, DaemonUnderTest, sim_fault, wait_until
 from ms_client import ModelServer, NoServerAvailable
 
 from supervisord_ms.gpus import FileGpuView, file_gpu_register
+from supervisord_ms.registry import AFFINITY_MAX_RATIO
 
 # Every test runs once per simulated SGLang generation (legacy, current).
 SGLANG_PROFILES = PROFILES
@@ -341,6 +342,16 @@ def test_sustained_slowness_moves_the_load_without_losing_a_request(daemon_facto
     watch = _start(d)
     with Load(d) as load:
         sim_fault(d.server("a")["port"], "slow", slow_factor=20)
+        load.more(40)
+
+        def a_owns_no_keys() -> bool:
+            # registry.AFFINITY_MAX_RATIO: more than this times the fastest owns no keys
+            latencies = {s["name"]: s["latency_s"] for s in d.api("GET", "/v1/servers")["servers"]}
+            others = [v for n, v in latencies.items() if n != "a" and v]
+            return bool(others) and latencies["a"] > AFFINITY_MAX_RATIO * min(others)
+
+        wait_until(a_owns_no_keys, 15, "the daemon's estimate of a to show its slowness")
+        # Then the clients' cached answers (a second) and the requests already on a end.
         load.more(40)
         assert "a" not in load.served_by(15)
     assert audit(d, watch, load=load) == []
