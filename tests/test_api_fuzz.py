@@ -34,6 +34,7 @@ ENDPOINTS = [
     "/v1/samples",
     "/v1/latency",
     "/v1/restarts",
+    "/v1/events",
     "/v1/servers/a/restart",
     "/v1/servers/a/stop",
     "/v1/servers/b/start",

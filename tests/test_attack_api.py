@@ -446,6 +446,16 @@ def test_history_answers_at_most_a_thousand_rows(shared_api: ApiServer) -> None:
     assert shared_api.get("/v1/latency?limit=10001").status == 400
 
 
+def test_events_read_by_another_user_are_capped_too(shared_api: ApiServer) -> None:
+    for i in range(MAX_HISTORY_ROWS + 10):
+        shared_api.writer.add_event(server="c", kind="state", message=f"change {i}")
+    assert shared_api.writer.flush(20)
+    got = as_user(lambda: request(shared_api.sock, "GET", "/v1/events?limit=10000"))
+    assert got["status"] == 200
+    assert len(got["json"]["events"]) == MAX_HISTORY_ROWS
+    assert shared_api.get("/v1/events?limit=10001").status == 400
+
+
 class GatedStore:
     """The real store, with history reads held until :attr:`go` is set."""
 
